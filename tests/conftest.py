@@ -1,0 +1,72 @@
+"""Shared test helpers: repository paths, bundle ``scripts`` switching, tiny phantom datasets.
+
+Both bundles ship a package called ``scripts`` (the model-zoo convention), and so does no other code the tests
+import: the repository tools in ``<repo>/scripts`` are imported as top-level modules (``import phantoms``).
+Tests that import bundle code in-process must go through :func:`bundle_module`, which unloads the other bundle's
+``scripts`` package first, exactly as MONAI Label does between bundles.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def bundle_module(bundle: str, module: str):
+    """Import ``scripts.<module>`` from ``bundles/<bundle>``, unloading another bundle's ``scripts`` first."""
+    root = BUNDLES / bundle
+    loaded = sys.modules.get("scripts")
+    if loaded is None or Path(loaded.__file__).resolve().parent != (root / "scripts").resolve():
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]
+        for other in BUNDLES.iterdir():
+            while str(other) in sys.path:
+                sys.path.remove(str(other))
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"scripts.{module}")
+
+
+def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env: dict | None = None):
+    """Run a command (e.g. ``python -m monai.bundle run ...``) and fail the test with its output on error."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # prove the configs need no PYTHONPATH
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def liver_data(tmp_path_factory) -> Path:
+    """A tiny phantom liver-MRI dataset; returns the folder holding the cases and ``datalist_*.json``."""
+    import phantoms
+
+    out = tmp_path_factory.mktemp("liver_mri")
+    phantoms.liver_mri(str(out), n_cases=8, seed=0, size=64, n_slices=8)
+    for ratio in (0.2, 1.0):
+        phantoms.datalist(str(out), label_ratio=ratio, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ct_data(tmp_path_factory) -> Path:
+    """A tiny phantom mediastinal-CT dataset; returns the folder holding the cases and ``datalist_*.json``."""
+    import phantoms
+
+    out = tmp_path_factory.mktemp("mediastinal_ct")
+    phantoms.mediastinal_ct(str(out), n_cases=8, seed=0, size=64, n_slices=48)
+    for ratio in (0.2, 1.0):
+        phantoms.datalist(str(out), label_ratio=ratio, seed=0)
+    return out

@@ -1,0 +1,160 @@
+"""The liver bundle as a bundle: metadata, config properties, network I/O, and short CLI runs on phantoms."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLES, SCHEMA, bundle_module, run_cmd
+
+BUNDLE = BUNDLES / "cdugjl_liver"
+CONFIGS = BUNDLE / "configs"
+DEMO = str(CONFIGS / "cpu_demo.json")
+
+CHECK_PROPERTIES = """
+import sys
+from monai.bundle import ConfigWorkflow
+files, workflow_type = sys.argv[1].split(","), sys.argv[2]
+wf = ConfigWorkflow(config_file=files, meta_file=sys.argv[3], logging_file=False, workflow_type=workflow_type,
+                    bundle_root=sys.argv[4], dataset_dir=sys.argv[5], cache_rate=0.0,
+                    output_dir=sys.argv[6], ckpt_dir=sys.argv[6])
+wf.initialize()
+missing = wf.check_properties()
+print("MISSING", missing)
+sys.exit(1 if missing else 0)
+"""
+
+
+def bundle_run(config_files: list[str], cwd, *overrides: str, timeout: float = 600):
+    """``python -m monai.bundle run`` on the given config files, from ``cwd`` (outside the bundle)."""
+    files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(BUNDLE)]
+    return run_cmd(args + list(overrides), cwd=cwd, timeout=timeout)
+
+
+def test_metadata_valid():
+    jsonschema = pytest.importorskip("jsonschema")
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver tumor"}
+    assert meta["monai_version"] == "1.6.1" and "required_packages_version" in meta
+
+
+def test_inference_config_is_standalone():
+    text = (CONFIGS / "inference.json").read_text()
+    assert "@_meta_" not in text and "_meta_#" not in text
+    assert json.loads(text)["initialize"][:2] == ["$import sys", "$sys.path.insert(0, @bundle_root)"]
+
+
+@pytest.mark.parametrize(
+    "files,workflow_type",
+    [
+        (["train_teacher.json"], "train"),
+        (["train.json"], "train"),
+        (["train.json", "evaluate.json"], "train"),
+        (["inference.json"], "infer"),
+    ],
+)
+def test_check_properties(tmp_path, liver_data, files, workflow_type):
+    paths = ",".join(str(CONFIGS / f) for f in files)
+    meta = str(CONFIGS / "metadata.json")
+    proc = run_cmd(
+        [sys.executable, "-c", CHECK_PROPERTIES, paths, workflow_type, meta, str(BUNDLE), str(liver_data), tmp_path],
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert "MISSING []" in proc.stdout
+
+
+@pytest.mark.integration
+def test_verify_net_in_out(tmp_path):
+    args = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def"]
+    args += ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json")]
+    args += ["--bundle_root", str(BUNDLE), "--n", "4", "--device", "cpu"]
+    run_cmd(args, cwd=tmp_path, timeout=300, env={"PYTHONPATH": str(BUNDLE)})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, liver_data):
+    """A 1-epoch teacher and a 1-epoch student on the phantom fixture (checkpoints in a temporary folder)."""
+    work = tmp_path_factory.mktemp("liver_bundle")
+    common = ["--dataset_dir", str(liver_data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval")]
+    common += ["--epochs", "1", "--val_interval", "1", "--num_samples", "2"]
+    bundle_run([str(CONFIGS / "train_teacher.json"), DEMO], work, *common)
+    bundle_run([str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json"))
+    return work
+
+
+@pytest.mark.integration
+def test_teacher_and_student_checkpoints(trained):
+    nets = bundle_module("cdugjl_liver", "networks")
+    demo = json.loads(open(DEMO).read())
+    for name, in_channels in (("teacher.pt", 3), ("model.pt", 2)):
+        state = torch.load(trained / "models" / name, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+        nets.MEAMTNet(in_channels=in_channels, channels=demo["channels"]).load_state_dict(state)
+    assert (trained / "models" / "checkpoint_model.pt").is_file()
+
+
+@pytest.mark.integration
+def test_evaluate_writes_metrics(trained, liver_data):
+    out = trained / "evaluation"
+    bundle_run(
+        [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json"), DEMO],
+        trained,
+        "--dataset_dir", str(liver_data), "--ckpt_dir", str(trained / "models"), "--output_dir", str(out),
+    )
+    header, *rows = (out / "metrics.csv").read_text().splitlines()
+    names = {r.split(",")[0] for r in [header, *rows]}
+    assert {"test_mean_dice", "test_hd95_mm", "test_asd_mm", "test_centre_mae_mm", "test_area_mae_mm2"} <= names
+    test_cases = {r["case"] for r in json.loads((liver_data / "datalist_100.json").read_text())["test"]}
+    raw = (out / "test_mean_dice_raw.csv").read_text().splitlines()[1:]
+    assert {line.split(",")[0] for line in raw} == test_cases
+
+
+@pytest.mark.integration
+def test_inference_outputs_in_input_geometry(trained, liver_data):
+    record = json.loads((liver_data / "datalist_100.json").read_text())["test"][0]
+    images = [str(liver_data / p) for p in record["image"]]
+    # the same case as one 4D NIfTI (channels last), the form MONAI Label passes (one file per image)
+    stacked = trained / "stacked" / "case4d.nii.gz"
+    stacked.parent.mkdir(exist_ok=True)
+    volumes = [nib.load(p) for p in images]
+    channels_last = np.stack([v.get_fdata() for v in volumes], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(channels_last, volumes[0].affine), stacked)
+    out = trained / "inference"
+    bundle_run(
+        [str(CONFIGS / "inference.json"), DEMO],
+        trained,
+        "--data", json.dumps([{"image": images}, {"image": str(stacked)}]),
+        "--ckpt_path", str(trained / "models" / "model.pt"),
+        "--output_dir", str(out),
+    )
+    case = record["case"]
+    reference = nib.load(images[0])
+    for postfix in ("seg", "uncertainty"):
+        written = nib.load(out / case / f"{case}_{postfix}.nii.gz")
+        assert written.shape == reference.shape
+        np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
+    seg = np.asarray(nib.load(out / case / f"{case}_seg.nii.gz").dataobj)
+    seg4d = nib.load(out / "case4d" / "case4d_seg.nii.gz")
+    assert seg4d.shape == reference.shape and np.array_equal(np.asarray(seg4d.dataobj), seg)
+    assert set(np.unique(seg)) <= {0, 1}
+    uncertainty = np.asarray(nib.load(out / case / f"{case}_uncertainty.nii.gz").dataobj)
+    assert uncertainty.min() > 0 and uncertainty.max() <= 1 + 1e-5  # K / S with S >= K
+
+    report = json.loads((out / case / f"{case}_quantification.json").read_text())
+    assert report["case"] == case
+    assert report["units"]["area"] == "mm^2"
+    spacing = report["geometry"]["spacing"]
+    assert spacing[0] == pytest.approx(json.loads(open(DEMO).read())["pixdim"][0], rel=1e-3)
+    assert spacing[2] == pytest.approx(float(reference.header.get_zooms()[2]), rel=1e-3)  # slices never resampled
+    assert report["geometry"]["shape"][2] == reference.shape[2]
+    for entry in report["slices"]:
+        net = entry["network"]
+        assert np.isfinite(net["area_mm2"]) and net["area_epistemic_std_mm2"] > 0
+        assert len(net["centre_world_mm"]) == 3

@@ -1,0 +1,144 @@
+"""Losses of confidence-enhanced semi-supervised segmentation (CEDS).
+
+- :class:`ConfidenceCELoss`: class-balanced cross-entropy of the confidence head against "the argmax segmentation
+  equals the label".
+- :func:`sharpen`: temperature sharpening of probabilities, ``P^(1/T) / (P^(1/T) + (1 - P)^(1/T))``.
+- :class:`ConfidenceMaskedConsistencyLoss`: squared error between the student's probabilities and the teacher's
+  sharpened probabilities, counted only where the teacher's P(correct) exceeds a threshold.
+- :func:`sigmoid_rampup`: the consistency weight ramp ``exp(-5 (1 - t / L)^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen", "sigmoid_rampup"]
+
+
+def sigmoid_rampup(current: float, rampup_length: float) -> float:
+    """Ramp from ``exp(-5)`` at ``current = 0`` to 1 at ``current >= rampup_length`` (Laine & Aila, 2017).
+
+    Args:
+        current: the current step (epoch), clipped to ``[0, rampup_length]``.
+        rampup_length: length of the ramp; ``0`` gives a constant 1.
+    """
+    if rampup_length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(current, 0.0), rampup_length) / rampup_length
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def sharpen(prob: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen each probability towards 0 or 1: ``P^(1/T) / (P^(1/T) + (1 - P)^(1/T))``, element-wise.
+
+    Computed as ``sigmoid((log P - log(1 - P)) / T)``, which is the same expression without underflow.
+    ``temperature = 1`` returns ``prob`` unchanged.
+
+    Args:
+        prob: probabilities in [0, 1], any shape.
+        temperature: ``T > 0``; smaller is sharper.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    p = prob.clamp(1e-7, 1.0 - 1e-7)
+    return torch.sigmoid((torch.log(p) - torch.log1p(-p)) / temperature)
+
+
+def correctness_target(seg_logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The confidence target: 1 where ``argmax(seg_logits)`` equals the label, else 0.
+
+    Args:
+        seg_logits: ``[B, C, *spatial]``.
+        label: class indices ``[B, 1, *spatial]`` or ``[B, *spatial]``.
+
+    Returns:
+        ``[B, *spatial]`` long tensor.
+    """
+    if label.ndim == seg_logits.ndim:
+        label = label[:, 0]
+    return (torch.argmax(seg_logits, dim=1) == label.long()).long()
+
+
+class ConfidenceCELoss(nn.Module):
+    """Class-balanced cross-entropy of the confidence head against the correctness of the segmentation.
+
+    The target of voxel ``v`` is ``1`` if ``argmax(seg_logits)[v] == label[v]`` else ``0``. Class 0 ("wrong") is
+    weighted by ``n_correct / n_wrong`` over the batch, class 1 ("correct") by 1, as in the authors' code. When the
+    batch has no wrong voxel the weights are both 1 (the authors' ratio is undefined there).
+
+    Args:
+        reduction: ``"mean"`` (the weighted mean of ``torch.nn.functional.cross_entropy``) or ``"sum"``.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, confidence_logits: torch.Tensor, seg_logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            confidence_logits: ``[B, 2, *spatial]``.
+            seg_logits: ``[B, C, *spatial]`` (not differentiated).
+            label: ``[B, 1, *spatial]`` or ``[B, *spatial]`` class indices.
+        """
+        target = correctness_target(seg_logits.detach(), label)
+        n_correct = int(target.sum())
+        n_wrong = target.numel() - n_correct
+        wrong_weight = n_correct / n_wrong if n_wrong > 0 else 1.0
+        weight = torch.tensor([wrong_weight, 1.0], dtype=confidence_logits.dtype, device=confidence_logits.device)
+        return F.cross_entropy(confidence_logits, target, weight=weight, reduction=self.reduction)
+
+
+class ConfidenceMaskedConsistencyLoss(nn.Module):
+    """Mean-teacher consistency restricted to voxels the teacher's confidence head deems correct.
+
+    ``d = (softmax(student) - sharpen(softmax(teacher), T))^2`` element-wise (all classes), multiplied by the mask
+    ``m = [softmax(teacher_confidence)[:, 1] > threshold]`` (all ones when no confidence is given: plain mean
+    teacher).
+
+    Args:
+        temperature: sharpening temperature ``T`` of the teacher probabilities (1 = no sharpening).
+        threshold: the teacher's P(correct) above which a voxel counts.
+        normalization: ``"mean"``: ``sum(m * d) / d.numel()``, the mean over all voxels with masked ones counting
+            as zeros (the authors' code); ``"mask"``: ``sum(m * d) / (C * sum(m))``, the mean over the kept voxels
+            (UA-MT), 0 when the mask is empty.
+    """
+
+    def __init__(self, temperature: float = 0.1, threshold: float = 0.5, normalization: str = "mean") -> None:
+        super().__init__()
+        if normalization not in ("mean", "mask"):
+            raise ValueError(f"normalization must be 'mean' or 'mask', got {normalization!r}.")
+        self.temperature = temperature
+        self.threshold = threshold
+        self.normalization = normalization
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        teacher_confidence_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            student_logits: ``[B, C, *spatial]``.
+            teacher_logits: ``[B, C, *spatial]`` (no gradient flows into it).
+            teacher_confidence_logits: ``[B, 2, *spatial]`` or None for no mask.
+
+        Returns:
+            a scalar.
+        """
+        target = sharpen(torch.softmax(teacher_logits.detach(), dim=1), self.temperature)
+        dist = (torch.softmax(student_logits, dim=1) - target) ** 2
+        if teacher_confidence_logits is None:
+            mask = torch.ones_like(dist[:, :1])
+        else:
+            confidence = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2]
+            mask = (confidence > self.threshold).to(dist)
+        masked = (dist * mask).sum()
+        if self.normalization == "mean":
+            return masked / dist.numel()
+        return masked / (mask.sum() * dist.shape[1]).clamp(min=1.0)

@@ -1,0 +1,294 @@
+"""Unit tests of the ``ceds_mediastinum`` bundle code: losses against hand-computed values, network, trainer phases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import bundle_module
+
+BUNDLE = "ceds_mediastinum"
+TINY = (2, 4, 8, 16, 32)
+
+
+@pytest.fixture
+def losses():
+    return bundle_module(BUNDLE, "losses")
+
+
+@pytest.fixture
+def networks():
+    return bundle_module(BUNDLE, "networks")
+
+
+@pytest.fixture
+def trainer_mod():
+    return bundle_module(BUNDLE, "trainer")
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+
+def test_sigmoid_rampup(losses):
+    assert losses.sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
+    assert losses.sigmoid_rampup(5, 10) == pytest.approx(math.exp(-1.25))
+    assert losses.sigmoid_rampup(10, 10) == 1.0
+    assert losses.sigmoid_rampup(25, 10) == 1.0
+    assert losses.sigmoid_rampup(-3, 10) == pytest.approx(math.exp(-5))
+    assert losses.sigmoid_rampup(3, 0) == 1.0
+    # the authors' schedule: weight at the end of the 400-epoch warm-up of an 8000-epoch run
+    assert losses.sigmoid_rampup(400, 8000) == pytest.approx(math.exp(-5 * 0.95**2))
+
+
+def test_sharpen(losses):
+    p = torch.tensor([0.8, 0.2, 0.5, 1.0, 0.0])
+    # P^(1/T) / (P^(1/T) + (1-P)^(1/T)) by hand
+    assert torch.allclose(losses.sharpen(p, 0.5)[:3], torch.tensor([0.64 / 0.68, 0.04 / 0.68, 0.5]), atol=1e-6)
+    t01 = 0.8**10 / (0.8**10 + 0.2**10)
+    assert losses.sharpen(p, 0.1)[0].item() == pytest.approx(t01, abs=1e-7)
+    assert losses.sharpen(p, 0.1)[1].item() == pytest.approx(1 - t01, abs=1e-7)
+    assert torch.allclose(losses.sharpen(p, 1.0)[:3], p[:3], atol=1e-6)
+    sharp = losses.sharpen(p, 0.1)
+    assert torch.isfinite(sharp).all() and sharp[3] > 0.999 and sharp[4] < 0.001
+    with pytest.raises(ValueError):
+        losses.sharpen(p, 0.0)
+
+
+def test_correctness_target(losses):
+    seg = torch.tensor([[[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]]])  # argmax [1, 0, 0, 0]
+    label = torch.tensor([[[1, 0, 0, 1]]])
+    assert losses.correctness_target(seg, label).tolist() == [[1, 1, 1, 0]]
+    assert losses.correctness_target(seg, label[:, 0]).tolist() == [[1, 1, 1, 0]]
+
+
+def test_balanced_confidence_ce(losses):
+    seg = torch.tensor([[[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]]])  # argmax [1, 0, 0, 0]
+    label = torch.tensor([[[1, 0, 0, 1]]])  # correct [1, 1, 1, 0]: 3 correct, 1 wrong -> weight of "wrong" = 3
+    conf = torch.zeros(1, 2, 4)
+    conf[0, 1, 3] = math.log(3.0)  # wrong voxel: softmax [1/4, 3/4] -> -log(1/4) = ln 4; others ln 2
+    expected = (3 * math.log(2) * 1 + 3 * math.log(4)) / (3 * 1 + 3)
+    loss = losses.ConfidenceCELoss()(conf, seg, label)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+    # no wrong voxel: the weights fall back to 1 (plain mean)
+    all_right = torch.tensor([[[1, 0, 0, 0]]])
+    expected = (3 * math.log(2) + math.log(4 / 3)) / 4
+    assert losses.ConfidenceCELoss()(conf, seg, all_right).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _consistency_case():
+    student = torch.zeros(1, 2, 3)  # softmax [0.5, 0.5] everywhere
+    teacher = torch.tensor([[[0.0, math.log(4.0), 0.0], [math.log(4.0), 0.0, 0.0]]])  # p1 = 0.8, 0.2, 0.5
+    teacher_conf = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])  # P(correct) 0.73, 0.27, 0.5 -> mask 1, 0, 0
+    return student, teacher, teacher_conf
+
+
+def test_masked_consistency(losses):
+    student, teacher, teacher_conf = _consistency_case()
+    # T = 0.5: sharpen(0.8) = 16/17, sharpen(0.2) = 1/17 -> squared error (15/34)^2 per class at voxels 0 and 1
+    d = (15 / 34) ** 2
+    mean_loss = losses.ConfidenceMaskedConsistencyLoss(temperature=0.5, normalization="mean")
+    mask_loss = losses.ConfidenceMaskedConsistencyLoss(temperature=0.5, normalization="mask")
+    assert mean_loss(student, teacher, teacher_conf).item() == pytest.approx(2 * d / 6, rel=1e-5)
+    assert mask_loss(student, teacher, teacher_conf).item() == pytest.approx(2 * d / 2, rel=1e-5)
+    assert mean_loss(student, teacher, None).item() == pytest.approx(4 * d / 6, rel=1e-5)  # plain mean teacher
+    # P(correct) exactly 0.5 is not above the threshold (the authors' round() gives 0 there too)
+    assert mask_loss(student, teacher, torch.zeros(1, 2, 3)).item() == 0.0
+    # gradients reach the student only
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    mean_loss(student, teacher, teacher_conf).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
+    with pytest.raises(ValueError):
+        losses.ConfidenceMaskedConsistencyLoss(normalization="sum")
+
+
+# ---------------------------------------------------------------------------------------------------- network
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 1, 32, 32, 16)), (2, (2, 1, 32, 48))])
+def test_network_shapes(networks, spatial_dims, shape):
+    net = networks.CEDSNet(spatial_dims=spatial_dims, channels=TINY)
+    x = torch.rand(shape)
+    seg, conf = net(x)
+    assert seg.shape == (2, 2, *shape[2:]) and conf.shape == (2, 2, *shape[2:])
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 2, *shape[2:])
+        both = net.forward_with_confidence(x)
+        assert torch.allclose(both[0], out, atol=1e-5)
+        net.return_confidence = True
+        assert isinstance(net(x), tuple)
+
+
+def test_network_default_widths_and_validation(networks):
+    net = networks.CEDSNet()
+    assert net.encoder.in_tr.out_channels == 16 and net.encoder.down_tr4.down_conv.out_channels == 256
+    assert net.cbam.channel_attention.mlp[0].in_channels == 5  # [decoder-2 (2), logits (2), entropy (1)]
+    n_all = len(list(net.parameters()))
+    assert len(net.confidence_parameters()) + len(net.segmentation_parameters()) == n_all
+    with pytest.raises(ValueError):
+        networks.CEDSNet(channels=(16, 32, 64, 128))
+    with pytest.raises(ValueError):
+        networks.CEDSNet(channels=(16, 32, 48, 96, 192))
+    with pytest.raises(ValueError):
+        networks.CEDSNet(spatial_dims=1)
+
+
+def test_network_torchscript(networks):
+    net = networks.CEDSNet(channels=TINY).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+def test_confidence_branch_is_detached(networks):
+    """The confidence loss reaches only the confidence branch (the authors' two-optimiser update)."""
+    net = networks.CEDSNet(channels=TINY)
+    seg, conf = net(torch.rand(2, 1, 16, 16, 16))
+    conf.sum().backward()
+    assert all(p.grad is None for p in net.segmentation_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.confidence_parameters())
+
+
+def test_cbam_residual(networks):
+    block = networks.CBAMBlock(spatial_dims=3, channels=5, reduction=2)
+    x = torch.rand(2, 5, 4, 4, 4)
+    out = block(x)
+    assert out.shape == x.shape
+    with torch.no_grad():
+        att = block.channel_attention(x)
+        y = x * att
+        expected = y * block.spatial_attention(y) + x
+    assert torch.allclose(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+def test_cosine_lr_lambda(trainer_mod):
+    f = trainer_mod.cosine_lr_lambda(total_steps=100, base_lr=0.01, min_lr=0.001)
+    assert f(0) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(0.1)
+    assert f(150) == pytest.approx(0.1)
+
+
+def test_ema_update(trainer_mod, networks):
+    student = networks.CEDSNet(channels=TINY)
+    teacher = trainer_mod.create_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in teacher.parameters()]
+    trainer_mod.ema_update(teacher, student, 0.99)
+    for b, t, s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(t, 0.99 * b + 0.01 * s, atol=1e-6)
+    trainer_mod.ema_update(teacher, student, 0.0)
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+
+
+def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, **kwargs):
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    net = networks.CEDSNet(channels=TINY)
+    image = torch.rand(2, 1, 16, 16, 16)
+    label = (image > 0.6).long()
+    labeled = [{"image": image, "label": label}]
+    unlabeled_loader = [{"image": torch.rand(2, 1, 16, 16, 16)}] if unlabeled else None
+    seg_opt = torch.optim.SGD(net.segmentation_parameters(), lr=0.1, momentum=0.9)
+    conf_opt = torch.optim.SGD(net.confidence_parameters(), lr=0.1, momentum=0.9)
+    decay = trainer_mod.cosine_lr_lambda(total_steps=10, base_lr=0.1, min_lr=0.01)
+    trainer = trainer_mod.CEDSTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=labeled,
+        network=net,
+        optimizer=seg_opt,
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        confidence_optimizer=conf_opt,
+        confidence_loss=losses.ConfidenceCELoss(),
+        consistency_loss=losses.ConfidenceMaskedConsistencyLoss(),
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(seg_opt, decay),
+        confidence_lr_scheduler=torch.optim.lr_scheduler.LambdaLR(conf_opt, decay),
+        teacher=trainer_mod.create_teacher(net),
+        unlabeled_data_loader=unlabeled_loader,
+        mode=mode,
+        **kwargs,
+    )
+    return trainer, net
+
+
+def test_phase_schedule(trainer_mod, losses, networks):
+    trainer, _ = _make_trainer(trainer_mod, losses, networks)  # authors' constants: 400 / 1000 / 5
+    phases = {e: trainer.phase(e) for e in (1, 400, 401, 999, 1000, 1004, 1005, 2000, 7999, 8000)}
+    assert phases == {1: "warmup", 400: "warmup", 401: "semi", 999: "semi", 1000: "confidence", 1004: "confidence",
+                      1005: "semi", 2000: "confidence", 7999: "semi", 8000: "confidence"}
+    mt, _ = _make_trainer(trainer_mod, losses, networks, mode="mean_teacher")
+    assert mt.phase(1000) == "semi" and mt.phase(5) == "warmup"
+    sup, _ = _make_trainer(trainer_mod, losses, networks, mode="supervised")
+    assert sup.phase(5000) == "warmup"
+    no_unlabeled, _ = _make_trainer(trainer_mod, losses, networks, unlabeled=False)
+    assert no_unlabeled.mode == "supervised"
+    with pytest.raises(ValueError):
+        _make_trainer(trainer_mod, losses, networks, mode="fixmatch")
+
+
+@pytest.mark.parametrize("epoch,phase", [(1, "warmup"), (2, "confidence"), (3, "semi")])
+def test_phase_updates(trainer_mod, losses, networks, epoch, phase):
+    """Each phase steps the right optimiser(s) and only the semi-supervised phase moves the teacher."""
+    trainer, net = _make_trainer(trainer_mod, losses, networks, warmup_epochs=1, confidence_interval=2,
+                                 confidence_epochs=1, consistency_rampup=3)
+    assert trainer.phase(epoch) == phase
+    seg_before = [p.clone() for p in net.segmentation_parameters()]
+    conf_before = [p.clone() for p in net.confidence_parameters()]
+    teacher_before = [p.clone() for p in trainer.teacher.parameters()]
+    # iteration 2 is the first one after the 1-epoch warm-up (epoch length 1)
+    trainer.state.epoch, trainer.state.iteration, trainer.state.epoch_length = epoch, 2, 1
+    out = trainer._iteration(trainer, trainer.data_loader[0])
+    out = out[0] if isinstance(out, list) else out  # decollated by the engine
+
+    def moved(a, b):
+        return any(not torch.equal(x, y) for x, y in zip(a, b))
+
+    assert moved(seg_before, net.segmentation_parameters()) == (phase != "confidence")
+    assert moved(conf_before, net.confidence_parameters()) == (phase != "semi")
+    assert moved(teacher_before, trainer.teacher.parameters()) == (phase == "semi")
+    # each cosine schedule advances only when its optimiser steps (the authors' scheduling)
+    assert trainer.lr_scheduler.last_epoch == int(phase != "confidence")
+    assert trainer.confidence_lr_scheduler.last_epoch == int(phase != "semi")
+    assert math.isfinite(float(out["loss"]))
+    assert (out["loss_consistency"] > 0) == (phase == "semi")
+    assert (out["consistency_weight"] > 0) == (phase == "semi")
+    if phase == "semi":  # first iteration after the warm-up: the teacher copies the student (decay 0)
+        assert all(torch.equal(t, s) for t, s in zip(trainer.teacher.parameters(), net.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def test_surface_metrics_in_mm():
+    """HD95/ASD handlers read each case's spacing from its affine: a 1-voxel shift along a 3 mm axis is 3 mm."""
+    from monai.data import MetaTensor
+    from monai.metrics import HausdorffDistanceMetric
+
+    metrics = bundle_module(BUNDLE, "metrics")
+    affine = torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0]))
+    label = torch.zeros(2, 10, 10, 10)
+    label[1, 2:6, 2:6, 2:6] = 1
+    label[0] = 1 - label[1]
+    pred = torch.roll(label, shifts=1, dims=3)
+    label, pred = MetaTensor(label, affine=affine), MetaTensor(pred, affine=affine)
+    assert metrics.voxel_spacing(label) == [1.0, 1.0, 3.0]
+    handler = metrics.SpacingAwareMetricHandler(HausdorffDistanceMetric(include_background=False, percentile=95))
+    handler.reset()
+    handler.update(([pred], [label]))
+    mm = handler.metric_fn.get_buffer()
+    voxels = HausdorffDistanceMetric(include_background=False, percentile=95)(pred[None], label[None])
+    assert mm.item() == pytest.approx(3.0) and voxels.item() == pytest.approx(1.0)

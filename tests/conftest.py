@@ -48,25 +48,24 @@ def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env:
     return proc
 
 
-@pytest.fixture(scope="session")
-def liver_data(tmp_path_factory) -> Path:
-    """A tiny phantom liver-MRI dataset; returns the folder holding the cases and ``datalist_*.json``."""
+def _phantom_dataset(tmp_path_factory, generator: str, **kwargs) -> Path:
+    """Generate a tiny phantom dataset with ``phantoms.<generator>`` plus its 20 % and 100 % datalists."""
     import phantoms
 
-    out = tmp_path_factory.mktemp("liver_mri")
-    phantoms.liver_mri(str(out), n_cases=8, seed=0, size=64, n_slices=8)
+    out = tmp_path_factory.mktemp(generator)
+    getattr(phantoms, generator)(str(out), n_cases=8, seed=0, **kwargs)
     for ratio in (0.2, 1.0):
         phantoms.datalist(str(out), label_ratio=ratio, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def liver_data(tmp_path_factory) -> Path:
+    """A tiny phantom liver-MRI dataset; returns the folder holding the cases and ``datalist_*.json``."""
+    return _phantom_dataset(tmp_path_factory, "liver_mri", size=64, n_slices=8)
 
 
 @pytest.fixture(scope="session")
 def ct_data(tmp_path_factory) -> Path:
     """A tiny phantom mediastinal-CT dataset; returns the folder holding the cases and ``datalist_*.json``."""
-    import phantoms
-
-    out = tmp_path_factory.mktemp("mediastinal_ct")
-    phantoms.mediastinal_ct(str(out), n_cases=8, seed=0, size=64, n_slices=48)
-    for ratio in (0.2, 1.0):
-        phantoms.datalist(str(out), label_ratio=ratio, seed=0)
-    return out
+    return _phantom_dataset(tmp_path_factory, "mediastinal_ct", size=64, n_slices=48)

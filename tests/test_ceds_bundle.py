@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLES, SCHEMA, run_cmd
+from conftest import BUNDLES, meta_schema, run_cmd
 
 BUNDLE = BUNDLES / "ceds_mediastinum"
 CONFIGS = BUNDLE / "configs"
@@ -45,7 +45,7 @@ def bundle_run(configs: list[str], cwd: Path, *overrides: str, torchrun: int = 0
 def test_metadata_schema():
     jsonschema = pytest.importorskip("jsonschema")
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(meta, json.loads(meta_schema().read_text()))
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "background", "1": "mediastinal tumor"} and pred["num_channels"] == 2
     assert meta["monai_version"] == "1.6.1" and meta["pytorch_version"] == "2.13.0"

@@ -1,0 +1,444 @@
+"""Batch inference of a bundle's ``inference.json`` over many scans, safe to run unattended.
+
+Usage (from anywhere)::
+
+    python scripts/batch_infer.py --bundle bundles/ceds_mediastinum --inputs <folder|cases.csv|datalist.json> \\
+        --out_dir runs/ct [--checkpoint model.pt] [--overlay configs/cpu_demo.json] [--png True] [--qc_threshold 0.5]
+
+For every case it writes ``<out_dir>/<case>/``: the bundle's outputs renamed to ``<case>_<postfix>`` (the mask
+``<case>_seg.nii.gz``, ``<case>_uncertainty.nii.gz`` or ``<case>_confidence.nii.gz``, the liver bundle's
+``<case>_quantification.json``), optionally ``<case>_overview.png``, and last the completion marker ``done.json``
+(outputs, QC, seconds). A case folder only ever appears complete: the bundle writes into a staging folder inside
+``out_dir``, the files are gathered in ``<out_dir>/.partial-<case>/`` and that folder is renamed into place
+(``os.replace``) once everything is written. A rerun skips the cases that have ``done.json``.
+
+Each case is validated (:mod:`input_checks`: header first, then a streamed pass over the voxels) before any compute
+is spent on it. A case that is invalid or fails during inference is recorded with its reason in
+``run_summary.json``/``run_summary.csv`` and the run goes on; the exit code is 1 when any case failed or was
+invalid, 2 when the case list itself is unusable (missing, empty, duplicate case ids).
+
+QC: ``needs_review`` is set when the predicted mask is empty or when the mean doubt inside the mask (the bundle's
+uncertainty map, or 1 - its confidence map) is above ``qc_threshold``.
+
+The bundle's workflow (network, checkpoint, transforms, inferer) is built once per run with
+:class:`monai.bundle.ConfigWorkflow`; each case is run through it by swapping the one record of its dataset. After a
+case fails inside the workflow, it is built afresh for the next case (an ignite engine that raised does not run
+cleanly again).
+Bundle configs execute code (``$`` expressions, ``_target_`` imports): run only bundles from a trusted source.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from input_checks import InputError, check_case, load_cases  # noqa: E402
+
+__all__ = ["BundleRunner", "WorkflowError", "quality_check", "save_overview", "run_batch", "main"]
+
+DEFAULT_MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {"cdugjl_liver": ("_t2w", "_dwi")}
+"""File name suffixes of the modalities, in channel order, for folder inputs of multi-modal bundles."""
+
+DONE_MARKER = "done.json"
+STAGING = ".staging"
+logger = logging.getLogger("batch_infer")
+
+
+def _unload_foreign_scripts(bundle: Path) -> None:
+    """Forget another bundle's ``scripts`` package (every bundle ships one) so that this bundle's is imported."""
+    loaded = sys.modules.get("scripts")
+    if loaded is not None and Path(loaded.__file__ or "").resolve().parent != (bundle / "scripts").resolve():
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]
+
+
+class BundleRunner:
+    """A bundle's inference workflow, built once, run one case at a time.
+
+    Args:
+        bundle: the bundle folder (with ``configs/inference.json``).
+        staging_dir: the folder the bundle writes its outputs to (its ``output_dir``).
+        first_record: the first case, ``{"image": path or [paths]}``; the workflow's dataset holds one record.
+        checkpoint: a checkpoint to use instead of ``<bundle>/models/model.pt`` (sets the config's top-level
+            ``checkpoint`` key, which the bundle's ``CheckpointLoader`` reads).
+        overlay: config files appended after ``inference.json`` (paths relative to the bundle or absolute).
+        device: e.g. ``"cpu"`` or ``"cuda:0"``; the bundle's default when ``None``.
+        sw_batch_size: windows (or slices) per forward pass; lower it to lower peak memory.
+        override: further config overrides, ``{"id#path": value}``.
+    """
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike,
+        staging_dir: str | os.PathLike,
+        first_record: dict,
+        checkpoint: str | None = None,
+        overlay: str | Sequence[str] | None = None,
+        device: str | None = None,
+        sw_batch_size: int | None = None,
+        override: dict | None = None,
+    ) -> None:
+        from monai.bundle import ConfigParser, ConfigWorkflow
+
+        self.bundle = Path(bundle).resolve()
+        _unload_foreign_scripts(self.bundle)
+        configs = self.bundle / "configs"
+        overlays = [overlay] if isinstance(overlay, (str, os.PathLike)) else list(overlay or [])
+        config_files = [str(configs / "inference.json")]
+        config_files += [str(p if os.path.isabs(p) else self.bundle / p) for p in overlays]
+        pairs: dict[str, Any] = {"bundle_root": str(self.bundle), "output_dir": os.fspath(staging_dir)}
+        pairs["data"] = [{"image": first_record["image"]}]
+        if checkpoint is not None:
+            if "checkpoint" not in ConfigParser.load_config_files(config_files):
+                raise KeyError(f"{config_files[0]} has no top-level 'checkpoint' key to point at {checkpoint}")
+            pairs["checkpoint"] = os.path.abspath(checkpoint)
+        if device is not None:
+            pairs["device"] = device
+        if sw_batch_size is not None:
+            pairs["sw_batch_size"] = int(sw_batch_size)
+        pairs.update(override or {})
+        self.workflow = ConfigWorkflow(
+            config_file=config_files,
+            meta_file=str(configs / "metadata.json"),
+            logging_file=False,
+            workflow_type="infer",
+            **pairs,
+        )
+        self.workflow.initialize()
+        self.dataset = self.workflow.parser.get_parsed_content("dataset")
+
+    def __call__(self, record: dict) -> None:
+        """Run the workflow on one case ``{"image": path or [paths]}``; outputs land in ``staging_dir``."""
+        self.dataset.data = [{"image": record["image"]}]
+        self.workflow.run()
+
+
+def quality_check(mask: np.ndarray, doubt: np.ndarray | None, threshold: float) -> dict[str, Any]:
+    """Per-case QC flag from the predicted mask and a voxel doubt map (uncertainty, or 1 - confidence).
+
+    Args:
+        mask: predicted mask, any shape; non-zero is tumour.
+        doubt: same shape, higher = less trustworthy; ``None`` when the bundle writes no such map.
+        threshold: mean doubt inside the mask above which the case needs review.
+
+    Returns:
+        ``{"needs_review": bool, "reason": str, "tumour_voxels": int, "mean_doubt_in_mask": float | None}``.
+    """
+    inside = np.asarray(mask) > 0
+    voxels = int(inside.sum())
+    if voxels == 0:
+        return {"needs_review": True, "reason": "empty mask: no tumour predicted", "tumour_voxels": 0,
+                "mean_doubt_in_mask": None}
+    if doubt is None:
+        return {"needs_review": False, "reason": "", "tumour_voxels": voxels, "mean_doubt_in_mask": None}
+    if np.shape(doubt) != inside.shape:
+        raise ValueError(f"doubt map shape {np.shape(doubt)} differs from mask shape {inside.shape}")
+    mean = float(np.asarray(doubt, dtype=np.float64)[inside].mean())
+    flagged = mean > threshold
+    reason = f"mean doubt {mean:.3f} inside the predicted tumour exceeds {threshold:g}" if flagged else ""
+    return {"needs_review": flagged, "reason": reason, "tumour_voxels": voxels, "mean_doubt_in_mask": mean}
+
+
+def largest_lesion_slice(mask: np.ndarray) -> int:
+    """Index along the last axis through the centre of the largest connected lesion (the middle slice if none)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(np.asarray(mask) > 0)
+    if n == 0:
+        return mask.shape[-1] // 2
+    sizes = np.bincount(labels.ravel())[1:]
+    centre = ndimage.center_of_mass(labels == (int(np.argmax(sizes)) + 1))
+    return int(round(centre[-1]))
+
+
+def save_overview(image: np.ndarray, mask: np.ndarray, doubt: np.ndarray | None, path: str, title: str,
+                  doubt_name: str = "uncertainty") -> int:
+    """PNG through the largest predicted lesion: the image, the image with the mask contour, the doubt map.
+
+    Args:
+        image: ``[H, W, D]`` image (first channel).
+        mask: ``[H, W, D]`` predicted mask.
+        doubt: ``[H, W, D]`` map shown in the third panel (``None``: the mask instead).
+        path: the PNG file.
+        title: the figure title (case id and QC).
+        doubt_name: the third panel's label.
+
+    Returns:
+        the slice index shown.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = largest_lesion_slice(mask)
+    img, msk = np.asarray(image)[..., z].T, np.asarray(mask)[..., z].T > 0
+    third = (np.asarray(doubt)[..., z] if doubt is not None else np.asarray(mask)[..., z]).T
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    axes[0].imshow(img, cmap="gray", origin="lower")
+    axes[0].set_title(f"image, slice {z}")
+    axes[1].imshow(img, cmap="gray", origin="lower")
+    if msk.any():
+        axes[1].contour(msk, levels=[0.5], colors="red", linewidths=1.0)
+    axes[1].set_title("predicted mask (contour)")
+    shown = axes[2].imshow(third, cmap="magma", origin="lower", vmin=0.0, vmax=1.0)
+    if msk.any():
+        axes[2].contour(msk, levels=[0.5], colors="cyan", linewidths=0.8)
+    axes[2].set_title(doubt_name if doubt is not None else "mask")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return z
+
+
+def _write_json(path: str | os.PathLike, content: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _gather_outputs(staging: Path, case: str, partial: Path) -> dict[str, str]:
+    """Move the bundle's outputs (``<staging>/<name>/<name>_<postfix>.<ext>``) to ``partial/<case>_<postfix>.<ext>``.
+
+    Returns:
+        ``{postfix: file name}``, e.g. ``{"seg": "ct_000_seg.nii.gz", "confidence": ...}``.
+    """
+    outputs = {}
+    for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+        for file in sorted(folder.iterdir()):
+            if not file.name.startswith(folder.name + "_"):
+                continue
+            rest = file.name[len(folder.name) + 1:]
+            postfix = rest.split(".", 1)[0]
+            name = f"{case}_{rest}"
+            os.replace(file, partial / name)
+            outputs[postfix] = name
+    if "seg" not in outputs:
+        raise RuntimeError(f"the bundle wrote no '<case>_seg' mask into {staging}")
+    return outputs
+
+
+def _doubt_map(partial: Path, outputs: dict[str, str]) -> tuple[np.ndarray | None, str]:
+    if "uncertainty" in outputs:
+        return np.asarray(nib.load(partial / outputs["uncertainty"]).dataobj, dtype=np.float32), "uncertainty"
+    if "confidence" in outputs:
+        return 1.0 - np.asarray(nib.load(partial / outputs["confidence"]).dataobj, dtype=np.float32), "1 - confidence"
+    return None, ""
+
+
+def _first_channel(paths: str | list[str]) -> np.ndarray:
+    first = nib.load(paths if isinstance(paths, str) else paths[0])
+    data = np.asarray(first.dataobj, dtype=np.float32)
+    return data[..., 0] if data.ndim == 4 else data
+
+
+def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: float, png: bool) -> dict[str, Any]:
+    """Run one validated case into ``.partial-<case>`` and move it into place; returns its ``done.json``."""
+    case = record["case"]
+    staging, partial, final = out_dir / STAGING, out_dir / f".partial-{case}", out_dir / case
+    for folder in (staging, partial):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    start = time.perf_counter()
+    runner(record)
+    outputs = _gather_outputs(staging, case, partial)
+    mask = np.asarray(nib.load(partial / outputs["seg"]).dataobj)
+    doubt, doubt_name = _doubt_map(partial, outputs)
+    qc = quality_check(mask, doubt, qc_threshold)
+    if png:
+        image = _first_channel(record["image"])
+        name = f"{case}_overview.png"
+        flag = f"NEEDS REVIEW: {qc['reason']}" if qc["needs_review"] else "QC ok"
+        qc["png_slice"] = save_overview(image if image.shape == mask.shape else np.zeros(mask.shape), mask, doubt,
+                                        str(partial / name), f"{case}: {flag}", doubt_name or "mask")
+        outputs["overview"] = name
+    done = {"case": case, "image": record["image"], "outputs": outputs, "qc": qc,
+            "seconds": round(time.perf_counter() - start, 3), "bundle": str(runner.bundle)}
+    _write_json(partial / DONE_MARKER, done)
+    if final.exists():  # an unfinished folder from an interrupted run (done cases are skipped before this)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return done
+
+
+class WorkflowError(RuntimeError):
+    """The bundle's workflow could not be built (config, network or checkpoint): no case can run."""
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (MONAI wraps config evaluation errors in ``RuntimeError``)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return error
+
+
+def _build_runner(bundle: Path, out: Path, record: dict, *args: Any) -> BundleRunner:
+    try:
+        return BundleRunner(bundle, out / STAGING, record, *args)
+    except Exception as e:
+        cause = _root_cause(e)
+        raise WorkflowError(f"cannot build the inference workflow of {bundle}: {type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''}") from e
+
+
+def _write_summary(out_dir: Path, rows: list[dict], meta: dict) -> None:
+    _write_json(out_dir / "run_summary.json", {**meta, "cases": rows})
+    fields = ["case", "status", "reason", "seconds", "needs_review", "qc_reason", "outputs"]
+    tmp = out_dir / "run_summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "outputs": ";".join(row.get("outputs", {}).values())})
+    os.replace(tmp, out_dir / "run_summary.csv")
+
+
+def run_batch(
+    bundle: str,
+    inputs: str,
+    out_dir: str,
+    checkpoint: str | None = None,
+    overlay: str | Sequence[str] | None = None,
+    split: str = "test",
+    device: str | None = None,
+    sw_batch_size: int | None = None,
+    png: bool = False,
+    qc_threshold: float = 0.5,
+    modality_suffixes: Sequence[str] | None = None,
+    override: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the bundle over every case; see the module docstring. Returns the run summary (also written to disk).
+
+    Raises:
+        InputError: the case list is unusable (missing, empty, duplicate case ids).
+        WorkflowError: the bundle's workflow cannot be built (bad config, overlay or checkpoint); the summary
+            written so far records it.
+    """
+    bundle_path = Path(bundle).resolve()
+    meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
+    channels = int(meta["network_data_format"]["inputs"]["image"].get("num_channels", 1))
+    suffixes = tuple(modality_suffixes or DEFAULT_MODALITY_SUFFIXES.get(bundle_path.name, ()))
+    records = load_cases(inputs, split=split, modality_suffixes=suffixes)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runner: BundleRunner | None = None
+    rows: list[dict] = []
+    summary_meta = {"bundle": str(bundle_path), "inputs": os.path.abspath(inputs), "out_dir": str(out),
+                    "checkpoint": checkpoint, "qc_threshold": qc_threshold,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for record in tqdm(records, desc=f"{bundle_path.name}", unit="case", disable=not progress):
+        case, start = record["case"], time.perf_counter()
+        row: dict[str, Any] = {"case": case, "status": "", "reason": "", "seconds": 0.0, "needs_review": "",
+                               "qc_reason": "", "outputs": {}}
+        marker = out / case / DONE_MARKER
+        try:
+            if marker.is_file():
+                done = json.loads(marker.read_text())
+                row.update(status="skipped", reason="already done", outputs=done["outputs"])
+                row.update(needs_review=done["qc"]["needs_review"], qc_reason=done["qc"]["reason"])
+                rows.append(row)
+                continue
+            check_case(record, modalities=channels)
+            if runner is None:
+                runner = _build_runner(bundle_path, out, record, checkpoint, overlay, device, sw_batch_size, override)
+            done = _process(runner, record, out, qc_threshold, png)
+            row.update(status="done", outputs=done["outputs"], needs_review=done["qc"]["needs_review"],
+                       qc_reason=done["qc"]["reason"], qc=done["qc"])
+        except InputError as e:
+            row.update(status="invalid", reason=str(e))
+        except WorkflowError as e:
+            row.update(status="failed", reason=str(e), seconds=round(time.perf_counter() - start, 3))
+            rows.append(row)
+            _write_summary(out, rows, {**summary_meta, "error": str(e)})
+            raise
+        except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
+            logger.exception("case %s failed", case)
+            runner = None  # an ignite engine that raised does not run cleanly again: rebuild for the next case
+            cause = _root_cause(e)
+            row.update(status="failed", reason=f"{type(e).__name__}: {e}" if cause is e else
+                       f"{type(e).__name__}: {e} (caused by {type(cause).__name__}: {cause})")
+            shutil.rmtree(out / f".partial-{case}", ignore_errors=True)
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+        _write_summary(out, rows, summary_meta)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "invalid", "failed")}
+    counts["needs_review"] = sum(r["needs_review"] is True for r in rows)
+    summary_meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), counts=counts)
+    _write_summary(out, rows, summary_meta)
+    return {**summary_meta, "cases": rows}
+
+
+def main(
+    bundle: str,
+    inputs: str,
+    out_dir: str,
+    checkpoint: str | None = None,
+    overlay: str | Sequence[str] | None = None,
+    split: str = "test",
+    device: str | None = None,
+    sw_batch_size: int | None = None,
+    png: bool = False,
+    qc_threshold: float = 0.5,
+    modality_suffixes: Sequence[str] | None = None,
+    override: dict | None = None,
+) -> None:
+    """Fire entry point of :func:`run_batch`; exits with 1 when a case failed or was invalid, 2 on a bad case list.
+
+    Args:
+        bundle: the bundle folder.
+        inputs: a folder of NIfTI files, a CSV (``case``, ``image`` with ``;`` between modalities, ``label``) or
+            a datalist JSON (a list of records or a dict of splits).
+        out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
+        checkpoint: the weights (default ``<bundle>/models/model.pt``); loaded with ``weights_only=True``.
+        overlay: config file(s) appended to ``inference.json``, e.g. ``configs/cpu_demo.json``.
+        split: the datalist split to read when ``inputs`` is a dict of splits.
+        device: e.g. ``cpu``/``cuda:0`` (the bundle's default: CUDA when available).
+        sw_batch_size: windows/slices per forward pass; lower it to lower peak memory.
+        png: also write ``<case>_overview.png`` through the largest predicted lesion.
+        qc_threshold: mean doubt (uncertainty, or 1 - confidence) inside the mask that flags a case for review.
+        modality_suffixes: file name suffixes of the modalities for folder inputs (default per bundle).
+        override: further config overrides, e.g. ``"{'inferer#device': 'cpu'}"``.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_batch(bundle, inputs, out_dir, checkpoint, overlay, split, device, sw_batch_size, png,
+                            qc_threshold, modality_suffixes, override)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except WorkflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    counts = summary["counts"]
+    print(json.dumps(counts))
+    for row in summary["cases"]:
+        if row["status"] in ("invalid", "failed"):
+            print(f"{row['status']}: {row['case']}: {row['reason']}", file=sys.stderr)
+    if counts["invalid"] or counts["failed"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

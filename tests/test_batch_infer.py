@@ -1,0 +1,256 @@
+"""Batch inference over many cases: atomic per-case outputs, reruns, failures recorded, QC, PNG, safe loading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import batch_infer
+from conftest import BUNDLES, REPO, bundle_module
+
+CT, LIVER = "ceds_mediastinum", "cdugjl_liver"
+OVERLAY = "configs/cpu_demo.json"
+
+
+class NotATensor:
+    """A non-tensor object a malicious checkpoint could carry (unpickling it runs arbitrary code paths)."""
+
+
+def _random_checkpoint(bundle: str, path: Path, extra: object | None = None) -> Path:
+    """Save a random-init ``network_def`` (cpu_demo widths) state dict, as ``models/model.pt`` holds it."""
+    from monai.bundle import ConfigParser
+
+    bundle_module(bundle, "networks")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / "configs" / "inference.json"), str(BUNDLES / bundle / OVERLAY)])
+    parser["bundle_root"] = str(BUNDLES / bundle)
+    torch.manual_seed(0)
+    state = parser.get_parsed_content("network_def").state_dict()
+    torch.save(state if extra is None else {**state, "extra": extra}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct_model(tmp_path_factory) -> Path:
+    return _random_checkpoint(CT, tmp_path_factory.mktemp("ckpt") / "ct.pt")
+
+
+@pytest.fixture(scope="module")
+def liver_model(tmp_path_factory) -> Path:
+    return _random_checkpoint(LIVER, tmp_path_factory.mktemp("ckpt") / "liver.pt")
+
+
+def _summary(out: Path) -> dict[str, dict]:
+    rows = {r["case"]: r for r in json.loads((out / "run_summary.json").read_text())["cases"]}
+    with open(out / "run_summary.csv", newline="") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == list(rows)
+    return rows
+
+
+def _leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_quality_check():
+    mask = np.zeros((8, 8, 4), np.uint8)
+    assert batch_infer.quality_check(mask, None, 0.5)["reason"].startswith("empty mask")
+    mask[2:4, 2:4, 1] = 1
+    doubt = np.full(mask.shape, 0.9, np.float32)
+    doubt[mask > 0] = 0.2
+    ok = batch_infer.quality_check(mask, doubt, 0.5)
+    assert not ok["needs_review"] and ok["tumour_voxels"] == 4 and ok["mean_doubt_in_mask"] == pytest.approx(0.2)
+    doubt[2, 2, 1] = 1.0
+    flagged = batch_infer.quality_check(mask, doubt, 0.3)
+    assert flagged["needs_review"] and "0.400" in flagged["reason"]
+    assert not batch_infer.quality_check(mask, None, 0.5)["needs_review"]
+
+
+def test_overview_png_through_largest_lesion(tmp_path):
+    mask = np.zeros((32, 32, 10), np.uint8)
+    mask[2:4, 2:4, 1] = 1  # small lesion
+    mask[10:20, 10:20, 6:9] = 1  # largest lesion, centre slice 7
+    image = np.random.default_rng(0).normal(size=mask.shape)
+    path = tmp_path / "case.png"
+    assert batch_infer.save_overview(image, mask, mask * 0.3, str(path), "case") == 7
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_loading_is_weights_only():
+    """Every ``torch.load`` in the bundles and repo scripts passes ``weights_only=True``; the configs load through
+    MONAI's ``CheckpointLoader``, which does too."""
+    import inspect
+
+    from monai.handlers import CheckpointLoader
+
+    sources = [*BUNDLES.glob("*/scripts/*.py"), *(REPO / "scripts").glob("*.py")]
+    for source in sources:
+        for call in re.findall(r"torch\.load\(([^)]*)\)", source.read_text()):
+            assert "weights_only=True" in call, f"{source}: torch.load({call}) without weights_only=True"
+    for config in BUNDLES.glob("*/configs/*.json"):
+        for target in re.findall(r'"_target_":\s*"([^"]*CheckpointLoader[^"]*)"', config.read_text()):
+            assert target in ("CheckpointLoader", "monai.handlers.CheckpointLoader"), f"{config}: {target}"
+    assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)
+
+
+@pytest.mark.integration
+def test_ct_folder_run_rerun_and_bad_cases(ct_data, ct_model, tmp_path):
+    """Good cases are written whole (with PNG and done.json), bad ones are recorded with the file and the problem
+    and do not stop the others, the exit code is 1, and a rerun skips the finished cases."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in ("ct_000", "ct_001"):
+        shutil.copy(ct_data / "imagesTr" / f"{case}.nii.gz", inputs)
+    cut = (ct_data / "imagesTr" / "ct_002.nii.gz").read_bytes()
+    (inputs / "ct_cut.nii.gz").write_bytes(cut[: len(cut) // 2])
+    nan = nib.load(str(ct_data / "imagesTr" / "ct_003.nii.gz"))
+    data = np.asarray(nan.dataobj, dtype=np.float32)
+    data[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, nan.affine), str(inputs / "ct_nan.nii.gz"))
+    out = tmp_path / "out"
+    args = dict(bundle=str(BUNDLES / CT), inputs=str(inputs), out_dir=str(out), checkpoint=str(ct_model),
+                overlay=OVERLAY, device="cpu", png=True, qc_threshold=0.99)
+    with pytest.raises(SystemExit) as exit_info:
+        batch_infer.main(**args)
+    assert exit_info.value.code == 1
+    rows = _summary(out)
+    assert {c: r["status"] for c, r in rows.items()} == {"ct_000": "done", "ct_001": "done", "ct_cut": "invalid",
+                                                         "ct_nan": "invalid"}
+    assert "ct_cut.nii.gz: corrupt or truncated" in rows["ct_cut"]["reason"]
+    assert "ct_nan.nii.gz: 1 NaN voxel" in rows["ct_nan"]["reason"]
+    assert sorted(p.name for p in out.iterdir()) == ["ct_000", "ct_001", "run_summary.csv", "run_summary.json"]
+    for case in ("ct_000", "ct_001"):
+        done = json.loads((out / case / "done.json").read_text())
+        assert set(done["outputs"]) == {"seg", "confidence", "overview"}
+        assert sorted(os.listdir(out / case)) == sorted([*done["outputs"].values(), "done.json"])
+        seg = nib.load(str(out / case / f"{case}_seg.nii.gz"))
+        assert seg.shape == nib.load(str(inputs / f"{case}.nii.gz")).shape
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+        assert done["qc"]["needs_review"] == (done["qc"]["tumour_voxels"] == 0)  # threshold 0.99: only empty masks
+    stamp = (out / "ct_000" / "done.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        batch_infer.main(**args)
+    rows = _summary(out)
+    assert rows["ct_000"]["status"] == rows["ct_001"]["status"] == "skipped"
+    assert (out / "ct_000" / "done.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.integration
+def test_failing_case_leaves_nothing_half_written(ct_data, ct_model, tmp_path, monkeypatch):
+    """A case failing after the bundle wrote its files, or inside the bundle's workflow, leaves no case folder,
+    staging or partial folder behind, and the next case runs."""
+    real = batch_infer.quality_check
+
+    def fail_on_second(mask, doubt, threshold):
+        fail_on_second.calls += 1
+        if fail_on_second.calls == 2:
+            raise RuntimeError("disk full (simulated)")
+        return real(mask, doubt, threshold)
+
+    fail_on_second.calls = 0
+    monkeypatch.setattr(batch_infer, "quality_check", fail_on_second)
+    real_check = batch_infer.check_case
+    monkeypatch.setattr(batch_infer, "check_case", lambda r, **k: None if r["case"] == "ghost" else real_check(r, **k))
+    cases = ["ct_000", "ct_001", "ghost", "ct_002"]  # ct_001 fails after its files are written, ghost in the engine
+    datalist = tmp_path / "cases.json"
+    datalist.write_text(json.dumps([{"case": c, "image": str(ct_data / "imagesTr" / f"{c}.nii.gz")} for c in cases]))
+    out = tmp_path / "out"
+    summary = batch_infer.run_batch(str(BUNDLES / CT), str(datalist), str(out), str(ct_model), OVERLAY,
+                                    device="cpu", progress=False)
+    assert [r["status"] for r in summary["cases"]] == ["done", "failed", "failed", "done"]
+    assert summary["cases"][1]["reason"] == "RuntimeError: disk full (simulated)"
+    assert "ghost.nii.gz" in summary["cases"][2]["reason"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["ct_000", "ct_002"] and _leftovers(out) == []
+
+
+@pytest.mark.integration
+def test_liver_datalist_with_separate_and_4d_inputs(liver_data, liver_model, tmp_path):
+    """The liver bundle takes ``[t2w, dwi]`` records and one 4D file; mask, uncertainty, quantification and PNG."""
+    record = json.loads((liver_data / "datalist_100.json").read_text())["test"][0]
+    t2w, dwi = (nib.load(str(liver_data / p)) for p in record["image"])
+    stacked = np.stack([np.asarray(t2w.dataobj), np.asarray(dwi.dataobj)], axis=-1).astype(np.float32)
+    nib.save(nib.Nifti1Image(stacked, t2w.affine), str(tmp_path / "stacked.nii.gz"))
+    datalist = tmp_path / "cases.json"
+    datalist.write_text(json.dumps({"test": [{"image": [str(liver_data / p) for p in record["image"]]},
+                                             {"case": "stacked", "image": "stacked.nii.gz"}]}))
+    out = tmp_path / "out"
+    summary = batch_infer.run_batch(str(BUNDLES / LIVER), str(datalist), str(out), str(liver_model), OVERLAY,
+                                    device="cpu", png=True, progress=False)
+    name = record["case"]
+    assert [(r["case"], r["status"]) for r in summary["cases"]] == [(name, "done"), ("stacked", "done")]
+    for case in (name, "stacked"):
+        done = json.loads((out / case / "done.json").read_text())
+        assert set(done["outputs"]) == {"seg", "uncertainty", "quantification", "overview"}
+        assert json.loads((out / case / f"{case}_quantification.json").read_text())["geometry"]
+        uncertainty = np.asarray(nib.load(str(out / case / f"{case}_uncertainty.nii.gz")).dataobj)
+        assert uncertainty.shape == t2w.shape and 0 <= uncertainty.min() and uncertainty.max() <= 1
+        assert isinstance(done["qc"]["needs_review"], bool)
+
+
+@pytest.mark.integration
+def test_volume_larger_than_roi_streams_through_sliding_window(tmp_path, ct_model):
+    """A volume several windows large runs window by window (sw_batch_size 1, stitching on the CPU)."""
+    import phantoms
+
+    phantoms.mediastinal_ct(str(tmp_path / "big"), n_cases=1, seed=1, size=128, n_slices=96)
+    image = next((tmp_path / "big" / "imagesTr").glob("*.nii.gz"))
+    out = tmp_path / "out"
+    runner = batch_infer.BundleRunner(BUNDLES / CT, out, {"image": str(image)}, str(ct_model), OVERLAY, "cpu",
+                                      sw_batch_size=1, override={"inferer#device": "cpu"})
+    inferer = runner.workflow.parser.get_parsed_content("inferer")
+    assert type(inferer).__name__ == "SlidingWindowInferer" and inferer.sw_batch_size == 1
+    header = nib.load(str(image))
+    pixdim = np.array(runner.workflow.parser["pixdim"])
+    resampled = np.array(header.shape) * np.array(header.header.get_zooms()) / pixdim
+    assert np.prod(resampled) > 4 * np.prod(inferer.roi_size), "the test volume should need several windows"
+    runner({"image": str(image)})
+    seg = next(out.glob("*/*_seg.nii.gz"))
+    assert nib.load(str(seg)).shape == header.shape
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bundle", [CT, LIVER])
+def test_checkpoint_with_non_tensor_objects_is_refused(bundle, ct_data, liver_data, tmp_path):
+    """A checkpoint that pickles an arbitrary object is refused by the bundle's own loading path."""
+    evil = _random_checkpoint(bundle, tmp_path / "evil.pt", extra=NotATensor())
+    data = ct_data if bundle == CT else liver_data
+    datalist = str(data / "datalist_100.json")
+    out = tmp_path / "out"
+    try:
+        summary = batch_infer.run_batch(str(BUNDLES / bundle), datalist, str(out), str(evil), OVERLAY, device="cpu",
+                                        progress=False)
+        reasons = [r["reason"] for r in summary["cases"]]
+    except batch_infer.WorkflowError as e:  # the CT bundle loads its checkpoint while the workflow is built
+        reasons = [str(e)]
+    assert reasons and all(re.search("Weights only load failed|UnpicklingError", r) for r in reasons), reasons
+    assert all("NotATensor" in r for r in reasons), reasons
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []
+
+
+@pytest.mark.integration
+def test_cli_exit_codes(ct_data, ct_model, tmp_path):
+    """The fire CLI: 0 when every case is done, 2 (with the file and problem) for an empty case list."""
+    script = str(REPO / "scripts" / "batch_infer.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base = [sys.executable, script, "--bundle", str(BUNDLES / CT), "--checkpoint", str(ct_model),
+            "--overlay", OVERLAY, "--device", "cpu"]
+    ok = subprocess.run([*base, "--inputs", str(ct_data / "datalist_100.json"), "--out_dir", str(tmp_path / "a")],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads((tmp_path / "a" / "run_summary.json").read_text())["counts"]["done"] >= 1
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"test": []}))
+    bad = subprocess.run([*base, "--inputs", str(empty), "--out_dir", str(tmp_path / "b")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and f"{empty}: no cases found" in bad.stderr
+    assert not (tmp_path / "b").exists()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, SCHEMA, bundle_module, run_cmd
+from conftest import BUNDLES, bundle_module, meta_schema, run_cmd
 
 BUNDLE = BUNDLES / "cdugjl_liver"
 CONFIGS = BUNDLE / "configs"
@@ -39,7 +44,7 @@ def bundle_run(config_files: list[str], cwd, *overrides: str, timeout: float = 6
 def test_metadata_valid():
     jsonschema = pytest.importorskip("jsonschema")
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(meta, json.loads(meta_schema().read_text()))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver tumor"}
     assert meta["monai_version"] == "1.6.1" and "required_packages_version" in meta
 
@@ -55,19 +60,33 @@ def test_inference_config_is_standalone():
     [
         (["train_teacher.json"], "train"),
         (["train.json"], "train"),
+        (["train.json", "cpu_demo.json"], "train"),
         (["train.json", "evaluate.json"], "train"),
+        (["train_teacher.json", "evaluate.json"], "train"),
+        (["train.json", "multi_gpu_train.json"], "train"),
         (["inference.json"], "infer"),
     ],
 )
 def test_check_properties(tmp_path, liver_data, files, workflow_type):
     paths = ",".join(str(CONFIGS / f) for f in files)
     meta = str(CONFIGS / "metadata.json")
+    env = None
+    if "multi_gpu_train.json" in files:  # its initialize joins a (one-process, gloo) process group
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_RANK": "0"}
     proc = run_cmd(
         [sys.executable, "-c", CHECK_PROPERTIES, paths, workflow_type, meta, str(BUNDLE), str(liver_data), tmp_path],
         cwd=tmp_path,
         timeout=300,
+        env=env,
     )
     assert "MISSING []" in proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.integration
@@ -78,14 +97,20 @@ def test_verify_net_in_out(tmp_path):
     run_cmd(args, cwd=tmp_path, timeout=300, env={"PYTHONPATH": str(BUNDLE)})
 
 
+SSL_TERMS = ("attention", "feature", "contrast", "distill_kl", "consistency", "seg", "quant", "edge")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, liver_data):
-    """A 1-epoch teacher and a 1-epoch student on the phantom fixture (checkpoints in a temporary folder)."""
+    """A 1-epoch teacher, then a 1-epoch semi-supervised student with every term on (20 % labelled datalist)."""
     work = tmp_path_factory.mktemp("liver_bundle")
     common = ["--dataset_dir", str(liver_data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval")]
     common += ["--epochs", "1", "--val_interval", "1", "--num_samples", "2"]
     bundle_run([str(CONFIGS / "train_teacher.json"), DEMO], work, *common)
-    bundle_run([str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json"))
+    proc = bundle_run(
+        [str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json")
+    )
+    (work / "student.log").write_text(proc.stdout + proc.stderr)
     return work
 
 
@@ -97,7 +122,16 @@ def test_teacher_and_student_checkpoints(trained):
         state = torch.load(trained / "models" / name, map_location="cpu", weights_only=True)
         assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
         nets.MEAMTNet(in_channels=in_channels, channels=demo["channels"]).load_state_dict(state)
-    assert (trained / "models" / "checkpoint_model.pt").is_file()
+    checkpoint = torch.load(trained / "models" / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    assert {"model", "loss", "ema", "optimizer", "lr_scheduler"} <= set(checkpoint)
+
+
+@pytest.mark.integration
+def test_student_used_every_term(trained):
+    log = (trained / "student.log").read_text()
+    assert "loaded the frozen teacher" in log
+    logged = [line for line in log.splitlines() if "train_loss:" in line]
+    assert logged and all(f" {term}: " in logged[-1] for term in SSL_TERMS), logged[-1:]
 
 
 @pytest.mark.integration
@@ -111,9 +145,16 @@ def test_evaluate_writes_metrics(trained, liver_data):
     header, *rows = (out / "metrics.csv").read_text().splitlines()
     names = {r.split(",")[0] for r in [header, *rows]}
     assert {"test_mean_dice", "test_hd95_mm", "test_asd_mm", "test_centre_mae_mm", "test_area_mae_mm2"} <= names
+    assert {"test_x_mae_mm", "test_y_mae_mm", "test_ece", "test_ece_foreground", "test_uncertainty_auroc",
+            "test_uncertainty_auroc_foreground"} <= names
+    ece = float((out / "test_ece_raw.csv").read_text().splitlines()[1].split(",")[-1])
+    assert 0.0 <= ece <= 1.0
     test_cases = {r["case"] for r in json.loads((liver_data / "datalist_100.json").read_text())["test"]}
     raw = (out / "test_mean_dice_raw.csv").read_text().splitlines()[1:]
     assert {line.split(",")[0] for line in raw} == test_cases
+    table_header, *table = (out / "per_case.csv").read_text().splitlines()
+    assert table_header.split(",")[0] == "case" and "test_uncertainty_auroc" in table_header.split(",")
+    assert {row.split(",")[0] for row in table} == test_cases
 
 
 @pytest.mark.integration
@@ -131,7 +172,7 @@ def test_inference_outputs_in_input_geometry(trained, liver_data):
         [str(CONFIGS / "inference.json"), DEMO],
         trained,
         "--data", json.dumps([{"image": images}, {"image": str(stacked)}]),
-        "--ckpt_path", str(trained / "models" / "model.pt"),
+        "--checkpoint", str(trained / "models" / "model.pt"),
         "--output_dir", str(out),
     )
     case = record["case"]
@@ -158,3 +199,59 @@ def test_inference_outputs_in_input_geometry(trained, liver_data):
         net = entry["network"]
         assert np.isfinite(net["area_mm2"]) and net["area_epistemic_std_mm2"] > 0
         assert len(net["centre_world_mm"]) == 3
+
+
+@pytest.mark.integration
+def test_missing_teacher_is_a_clear_error(tmp_path, liver_data):
+    files = f"['{CONFIGS / 'train.json'}','{DEMO}']"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(BUNDLE),
+            "--dataset_dir", str(liver_data), "--datalist", str(liver_data / "datalist_20.json"),
+            "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--epochs", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "teacher checkpoint not found" in proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_monai_label_style_training_without_teacher(tmp_path, liver_data):
+    """MONAI Label overrides the labelled/validation records with {"image", "label"} only (no CE phases, no organs)
+    and the datalist path does not exist: no teacher is needed, no unlabelled stream, training still runs."""
+    datalist = json.loads((liver_data / "datalist_100.json").read_text())
+    records = [{"image": [str(liver_data / p) for p in r["image"]], "label": str(liver_data / r["label"])}
+               for r in datalist["training"][:2]]
+    bundle_run(
+        [str(CONFIGS / "train.json"), DEMO], tmp_path,
+        "--train#dataset#data", json.dumps(records), "--validate#dataset#data", json.dumps(records[:1]),
+        "--dataset_dir", str(tmp_path / "absent"), "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "eval"), "--epochs", "1", "--val_interval", "1", "--num_samples", "2",
+        "--device", "cpu",
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.mark.integration
+def test_multi_gpu_config_two_cpu_processes_with_teacher(trained, liver_data, tmp_path):
+    """``multi_gpu_train.json`` with every term on: two gloo processes, the loss's heads kept in sync, one model.pt."""
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    shutil.copy(trained / "models" / "teacher.pt", ckpt_dir / "teacher.pt")
+    files = repr([str(CONFIGS / c) for c in ("train.json", "multi_gpu_train.json", "cpu_demo.json")])
+    proc = run_cmd(
+        [*_torchrun(), "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+         "--config_file", files, "--bundle_root", str(BUNDLE), "--dataset_dir", str(liver_data),
+         "--datalist", str(liver_data / "datalist_20.json"), "--ckpt_dir", str(ckpt_dir),
+         "--output_dir", str(tmp_path / "eval"), "--epochs", "1", "--val_interval", "1", "--num_samples", "2"],
+        cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"},
+    )
+    log = proc.stdout + proc.stderr
+    assert log.count("Epoch[1] Complete") >= 2 and log.count("loaded the frozen teacher") == 2
+    state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
+    assert state and not any(k.startswith("module.") for k in state)
+    checkpoint = torch.load(ckpt_dir / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in checkpoint["model"]) and checkpoint["loss"]

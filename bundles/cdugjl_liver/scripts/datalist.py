@@ -45,6 +45,7 @@ def load_datalist(
     image_key: str = "image",
     base_dir: str | os.PathLike | None = None,
     check_files: bool = True,
+    missing_ok: bool = False,
 ) -> list[dict]:
     """Load one split of an MSD-style datalist with every path-valued entry made absolute.
 
@@ -58,6 +59,9 @@ def load_datalist(
         base_dir: folder the relative paths are relative to; defaults to the datalist's folder.
         check_files: raise :class:`FileNotFoundError` listing the first missing files if any resolved path does
             not exist (fail at start-up rather than in the middle of an epoch).
+        missing_ok: return ``[]`` when the datalist file itself does not exist, instead of raising. For optional
+            streams only, e.g. the unlabelled records of ``train.json`` when MONAI Label replaces the labelled
+            records and the default ``datalist`` path does not exist.
 
     Returns:
         a list of new dicts, one per record: the keys of :data:`PATH_KEYS` that are present are absolute
@@ -65,12 +69,15 @@ def load_datalist(
         (``"case"``, ...) is unchanged. A plain string record (MSD ``test`` style) becomes ``{"image": path}``.
 
     Raises:
-        FileNotFoundError: the datalist, or (with ``check_files``) a file it names, does not exist.
+        FileNotFoundError: the datalist (unless ``missing_ok``), or (with ``check_files``) a file it names, does not
+            exist.
         ValueError: the split is not a list, or a record lacks ``image_key``.
         TypeError: a record is not a dict or a path string, or a path-valued entry is not ``str``/list of ``str``.
     """
     datalist = os.fspath(datalist)
     if not os.path.isfile(datalist):
+        if missing_ok:
+            return []
         raise FileNotFoundError(f"datalist file not found: {datalist}")
     with open(datalist) as f:
         content = json.load(f)

@@ -1,27 +1,61 @@
-"""Supervised multi-task training pieces for MONAI's ``SupervisedTrainer``.
+"""Training pieces for MONAI's ``SupervisedTrainer``: supervised multi-task and semi-supervised CdUgJL.
 
 The network returns a dictionary in train mode (:meth:`scripts.networks.MEAMTNet.forward_all`), so
 :class:`MultiTaskPrepareBatch` hands the trainer a dictionary of targets and :class:`MultiTaskLoss` combines the
 terms as a weighted sum (each weight a config key; 0 disables a term).
+
+Semi-supervised training (``configs/train.json``) keeps ``SupervisedTrainer`` and its iteration and changes what
+goes in and out of it:
+
+* :class:`SemiSupervisedPrepareBatch` draws an unlabelled batch (:class:`UnlabeledStream`) for every labelled one,
+  runs the frozen contrast-enhanced teacher on the CE phases and the EMA student on the weak view (no gradients),
+  and gives the trainer the student's input ``cat([labelled image, unlabelled strong view])`` with those outputs
+  as targets;
+* :class:`SemiSupervisedLoss` splits the student's outputs again and adds the distillation
+  (:mod:`scripts.distillation`) and consistency (:mod:`scripts.consistency`) terms to the supervised ones;
+* :class:`EpochAnnealingHandler` gives the loss the training progress (KL annealing, ramps),
+  :class:`scripts.consistency.EMAUpdateHandler` updates the EMA after each step, and
+  :class:`AllReduceGradientsHandler` averages the gradients of the loss's own trainable heads across processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
-from monai.engines.utils import PrepareBatch
+from monai.data import DataLoader, MetaTensor
+from monai.engines.utils import IterationEvents, PrepareBatch
 
+from .consistency import UncertaintyConsistencyLoss, sigmoid_rampup, uncertainty_threshold
+from .distillation import (
+    DirichletKLLoss,
+    FeatureDistillationLoss,
+    RegionContrastiveLoss,
+    region_map,
+    teacher_region_map,
+)
 from .edge import boundary_map
 from .evidential import DirichletLoss, NIGLoss
 from .networks import field_of_view_scale
 
-__all__ = ["EpochAnnealingHandler", "MultiTaskLoss", "MultiTaskPrepareBatch", "slice_spacing"]
+__all__ = [
+    "AllReduceGradientsHandler",
+    "EpochAnnealingHandler",
+    "MultiTaskLoss",
+    "MultiTaskPrepareBatch",
+    "SemiSupervisedLoss",
+    "SemiSupervisedPrepareBatch",
+    "UnlabeledStream",
+    "slice_spacing",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def slice_spacing(image: torch.Tensor) -> torch.Tensor:
@@ -97,6 +131,7 @@ class MultiTaskLoss(nn.Module):
         self.seg_weight = seg_weight
         self.quant_weight = quant_weight
         self.edge_weight = edge_weight
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     @property
     def epoch(self) -> int:
@@ -133,14 +168,24 @@ class MultiTaskLoss(nn.Module):
             terms["edge"] = torch.stack(bce).mean()
         return terms
 
+    def weights(self) -> dict[str, float]:
+        """The current weight of every term of :meth:`terms`."""
+        return {"seg": self.seg_weight, "quant": self.quant_weight, "edge": self.edge_weight}
+
     def forward(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum of :meth:`terms` (a scalar)."""
-        weights = {"seg": self.seg_weight, "quant": self.quant_weight, "edge": self.edge_weight}
-        return sum(weights[name] * value for name, value in self.terms(outputs, targets).items())
+        """The weighted sum of :meth:`terms` (a scalar); the unweighted terms are kept in :attr:`last_terms`."""
+        terms = self.terms(outputs, targets)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        weights = self.weights()
+        return sum(weights[name] * value for name, value in terms.items())
 
 
 class EpochAnnealingHandler:
-    """Sets ``loss.epoch`` to the number of completed epochs when each epoch starts (KL annealing of Sensoy et al.).
+    """Gives a loss the training progress: ``loss.epoch`` and, if the loss has it, ``loss.epoch_progress``.
+
+    * ``loss.epoch``: completed epochs, set when each epoch starts (KL annealing of Sensoy et al.);
+    * ``loss.epoch_progress``: completed epochs as a float (``(iteration - 1) / epoch_length``), set before every
+      iteration (ramps of :class:`SemiSupervisedLoss`).
 
     Args:
         loss: a module with an ``epoch`` attribute (:class:`MultiTaskLoss`, :class:`scripts.evidential.DirichletLoss`).
@@ -151,6 +196,355 @@ class EpochAnnealingHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        if hasattr(self.loss, "epoch_progress"):
+            engine.add_event_handler(Events.ITERATION_STARTED, self.progress)
 
     def __call__(self, engine: Engine) -> None:
         self.loss.epoch = engine.state.epoch - 1
+
+    def progress(self, engine: Engine) -> None:
+        """Set ``loss.epoch_progress`` from the engine's iteration count."""
+        epoch_length = engine.state.epoch_length or 1
+        self.loss.epoch_progress = (engine.state.iteration - 1) / epoch_length
+
+
+class AllReduceGradientsHandler:
+    """Keeps parameters outside the DDP network identical across the processes of a distributed run.
+
+    :class:`SemiSupervisedLoss` owns trainable heads (feature projections, contrastive projection heads) that
+    ``DistributedDataParallel`` does not see. This handler broadcasts their values from rank 0 when the run starts
+    (``Events.STARTED``; each rank may have initialised them with its own seed) and all-reduces (averages) their
+    gradients after every backward pass (``IterationEvents.BACKWARD_COMPLETED``, before the optimiser step); a
+    missing gradient counts as zero. It does nothing without an initialised process group of more than one process.
+
+    Args:
+        module: the module whose parameters to synchronise (e.g. the loss).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.broadcast)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    @staticmethod
+    def _world_size() -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def broadcast(self, engine: Engine) -> None:
+        """Copy rank 0's parameters and buffers to every rank."""
+        if self._world_size() < 2:
+            return
+        with torch.no_grad():
+            for tensor in [*self.module.parameters(), *self.module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def __call__(self, engine: Engine) -> None:
+        world = self._world_size()
+        if world < 2:
+            return
+        for param in self.module.parameters():
+            if not param.requires_grad:
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad)
+            param.grad /= world
+
+
+class UnlabeledStream:
+    """An endless source of unlabelled batches, drawn alongside the labelled data loader.
+
+    Wraps a ``monai.data.DataLoader``; when it is exhausted it starts again (calling ``sampler.set_epoch`` with
+    a pass counter, for ``DistributedSampler``). An empty dataset disables the stream: :meth:`next` returns
+    ``None`` (supervised-only training, or MONAI Label with its labelled records only).
+
+    Args:
+        dataset: the unlabelled dataset.
+        batch_size: volumes per batch (each gives ``num_samples`` slices with the bundle's transforms).
+        shuffle: shuffle when no ``sampler`` is given.
+        sampler: e.g. a ``DistributedSampler`` (multi-GPU).
+        num_workers: data loader workers.
+        kwargs: further ``DataLoader`` arguments.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        sampler: Any = None,
+        num_workers: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.loader = None
+        if len(dataset) > 0:
+            self.loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                shuffle=shuffle and sampler is None,
+                sampler=sampler,
+                num_workers=num_workers,
+                **kwargs,
+            )
+        self._iterator: Iterable | None = None
+        self._passes = 0
+
+    def __bool__(self) -> bool:
+        return self.loader is not None
+
+    def next(self) -> Any:
+        """The next unlabelled batch, or ``None`` for an empty dataset."""
+        if self.loader is None:
+            return None
+        if self._iterator is not None:
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                pass
+        sampler = self.loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self._passes)
+        self._passes += 1
+        self._iterator = iter(self.loader)
+        return next(self._iterator)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+class SemiSupervisedPrepareBatch(MultiTaskPrepareBatch):
+    """Labelled batch + unlabelled batch -> ``(student input, targets)`` for :class:`SemiSupervisedLoss`.
+
+    The student's input is ``cat([labelled image, unlabelled strong view])`` (``n_l + n_u`` slices, one forward
+    pass, shared batch statistics). Besides the targets of :class:`MultiTaskPrepareBatch` (for the first ``n_l``
+    rows; ``"organs"`` too when present), ``targets`` holds:
+
+    * ``"num_labelled"``: ``n_l``;
+    * ``"teacher"``: the frozen teacher's ``forward_all`` outputs on the contrast-enhanced phases ``ce_key`` of the
+      rows listed in ``"teacher_rows"`` (labelled and unlabelled rows whose records have CE images), if a teacher
+      is given;
+    * ``"ema"``: the EMA student's concentrations on the weak view (``image_key`` of the unlabelled batch), for the
+      rows ``n_l:``, if an EMA network is given.
+
+    Records without CE images are skipped by the teacher (a note is logged once per stream); a labelled or
+    unlabelled stream must be homogeneous (all records with ``image_ce``, or none), as batches are collated.
+
+    Args:
+        unlabeled: the :class:`UnlabeledStream` (or ``None``: labelled data only).
+        teacher: the frozen CE teacher (:class:`scripts.distillation.FrozenTeacher`), or ``None``; a teacher whose
+            ``enabled`` attribute is ``False`` counts as none.
+        ema: the EMA student (:func:`scripts.consistency.ema_network`), or ``None``.
+        image_key: the student's input key (weak view for unlabelled batches).
+        strong_key: the strongly augmented view of unlabelled batches.
+        ce_key: the contrast-enhanced phases.
+        target_keys: keys of the labelled batch copied into ``targets``.
+    """
+
+    def __init__(
+        self,
+        unlabeled: UnlabeledStream | None = None,
+        teacher: nn.Module | None = None,
+        ema: nn.Module | None = None,
+        image_key: str = "image",
+        strong_key: str = "strong",
+        ce_key: str = "ce",
+        target_keys: Sequence[str] = ("label", "quant", "quant_mask", "organs"),
+    ) -> None:
+        super().__init__(image_key=image_key, target_keys=target_keys)
+        self.unlabeled = unlabeled if unlabeled else None
+        self.teacher = teacher if teacher is not None and getattr(teacher, "enabled", True) else None
+        self.ema = ema
+        self.strong_key = strong_key
+        self.ce_key = ce_key
+        self._noted: set[str] = set()
+
+    def _note(self, stream: str) -> None:
+        if stream not in self._noted:
+            self._noted.add(stream)
+            logger.warning(
+                f"{stream} records have no '{self.ce_key}' (contrast-enhanced images): the teacher's distillation "
+                f"terms are skipped for them."
+            )
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        image, targets = super().__call__(batchdata, device, non_blocking, **kwargs)
+        num_labelled = image.shape[0]
+        inputs, ce, rows = [_plain(image)], [], []
+        if self.teacher is not None:
+            if self.ce_key in batchdata:
+                ce.append(batchdata[self.ce_key])
+                rows.append(torch.arange(num_labelled))
+            else:
+                self._note("labelled")
+        unlabeled = self.unlabeled.next() if self.unlabeled is not None else None
+        if unlabeled is not None:
+            strong = _plain(unlabeled[self.strong_key]).to(device=device, non_blocking=non_blocking)
+            inputs.append(strong)
+            if self.ema is not None:
+                weak = _plain(unlabeled[self.image_key]).to(device=device, non_blocking=non_blocking)
+                with torch.no_grad():
+                    targets["ema"] = self.ema(weak)
+            if self.teacher is not None:
+                if self.ce_key in unlabeled:
+                    ce.append(unlabeled[self.ce_key])
+                    rows.append(torch.arange(num_labelled, num_labelled + strong.shape[0]))
+                else:
+                    self._note("unlabelled")
+        if ce:
+            x = torch.cat([_plain(c) for c in ce]).to(device=device, non_blocking=non_blocking)
+            with torch.no_grad():
+                targets["teacher"] = self.teacher.forward_all(x)  # type: ignore[union-attr]
+            targets["teacher_rows"] = torch.cat(rows).to(device=device)
+        targets["num_labelled"] = num_labelled
+        return torch.cat(inputs), targets
+
+
+def _select_rows(outputs: Mapping[str, Any], rows: slice | torch.Tensor) -> dict[str, Any]:
+    """The batch rows ``rows`` of every tensor (and list of tensors) of a ``forward_all`` dict."""
+    return {
+        k: [t[rows] for t in v] if isinstance(v, (list, tuple)) else v[rows]
+        for k, v in outputs.items()
+        if isinstance(v, (list, tuple, torch.Tensor))
+    }
+
+
+class SemiSupervisedLoss(MultiTaskLoss):
+    """CdUgJL training loss: supervised terms on labelled slices, distillation from the CE teacher, consistency.
+
+    With the targets of :class:`SemiSupervisedPrepareBatch` (student rows ``[:n_l]`` labelled, ``[n_l:]``
+    unlabelled strong views) the terms are
+
+    * ``seg``, ``quant``, ``edge`` (labelled rows): :class:`MultiTaskLoss`;
+    * ``attention``, ``feature`` (teacher rows): :class:`scripts.distillation.FeatureDistillationLoss`;
+    * ``distill_kl`` (teacher rows): :class:`scripts.distillation.DirichletKLLoss`, ``KL(teacher || student)``;
+    * ``contrast`` (teacher rows): :class:`scripts.distillation.RegionContrastiveLoss`, computed separately for
+      labelled rows (regions from the label, and the liver from ``"organs"`` when present:
+      :func:`scripts.distillation.region_map`) and unlabelled rows (regions from the teacher's confident
+      prediction, tumour vs. non-tumour: :func:`scripts.distillation.teacher_region_map`), then averaged;
+    * ``consistency`` (unlabelled rows): :class:`scripts.consistency.UncertaintyConsistencyLoss` against the EMA
+      on the weak view, masked at ``uncertainty_threshold(epoch_progress, rampup_epochs, threshold_start)`` and
+      weighted by ``consistency_weight * sigmoid_rampup(epoch_progress, rampup_epochs)``.
+
+    A weight of 0 removes its term (nothing is computed for it). Terms whose inputs are absent from a batch (no
+    teacher, no unlabelled data) are left out of that batch.
+
+    Args:
+        seg_loss, quant_loss, seg_weight, quant_weight, edge_weight: as :class:`MultiTaskLoss`.
+        distillation: the feature distillation module (needed if ``attention_weight`` or ``feature_weight``).
+        contrast: the region contrastive module (needed if ``contrast_weight``).
+        consistency: the consistency module (default: masked, :class:`UncertaintyConsistencyLoss`).
+        attention_weight: weight of the attention alignment.
+        feature_weight: weight of the projected-feature matching.
+        contrast_weight: weight of the region InfoNCE.
+        distill_kl_weight: weight of the teacher-student Dirichlet KL.
+        consistency_weight: final weight of the consistency term.
+        rampup_epochs: length of the consistency weight and threshold ramps, in epochs.
+        threshold_start: the uncertainty threshold at the start of the ramp (UA-MT: 0.75).
+        region_max_uncertainty: teacher uncertainty below which unlabelled voxels get a region.
+    """
+
+    def __init__(
+        self,
+        seg_loss: nn.Module | None = None,
+        quant_loss: nn.Module | None = None,
+        seg_weight: float = 1.0,
+        quant_weight: float = 0.1,
+        edge_weight: float = 0.0,
+        distillation: FeatureDistillationLoss | None = None,
+        contrast: RegionContrastiveLoss | None = None,
+        consistency: nn.Module | None = None,
+        attention_weight: float = 0.0,
+        feature_weight: float = 0.0,
+        contrast_weight: float = 0.0,
+        distill_kl_weight: float = 0.0,
+        consistency_weight: float = 0.0,
+        rampup_epochs: float = 0.0,
+        threshold_start: float = 0.75,
+        region_max_uncertainty: float = 0.5,
+    ) -> None:
+        super().__init__(seg_loss, quant_loss, seg_weight, quant_weight, edge_weight)
+        if (attention_weight or feature_weight) and distillation is None:
+            raise ValueError("attention_weight / feature_weight need a `distillation` module.")
+        if contrast_weight and contrast is None:
+            raise ValueError("contrast_weight needs a `contrast` module.")
+        self.distillation = distillation
+        self.contrast = contrast
+        self.consistency = consistency if consistency is not None else UncertaintyConsistencyLoss()
+        self.kl = DirichletKLLoss()
+        self.attention_weight = attention_weight
+        self.feature_weight = feature_weight
+        self.contrast_weight = contrast_weight
+        self.distill_kl_weight = distill_kl_weight
+        self.consistency_weight = consistency_weight
+        self.rampup_epochs = rampup_epochs
+        self.threshold_start = threshold_start
+        self.region_max_uncertainty = region_max_uncertainty
+        self.epoch_progress = 0.0
+
+    @property
+    def threshold(self) -> float:
+        """The current uncertainty threshold of the consistency mask."""
+        return uncertainty_threshold(self.epoch_progress, self.rampup_epochs, self.threshold_start)
+
+    def weights(self) -> dict[str, float]:
+        ramp = sigmoid_rampup(self.epoch_progress, self.rampup_epochs)
+        return {
+            **super().weights(),
+            "attention": self.attention_weight,
+            "feature": self.feature_weight,
+            "contrast": self.contrast_weight,
+            "distill_kl": self.distill_kl_weight,
+            "consistency": self.consistency_weight * ramp,
+        }
+
+    def _contrast(self, student: Mapping[str, Any], teacher: Mapping[str, Any], rows: torch.Tensor, targets):
+        """Mean of the region contrast over the labelled and the unlabelled teacher rows."""
+        num_labelled = targets["num_labelled"]
+        groups = []
+        labelled = rows < num_labelled
+        if labelled.any():
+            organs = targets.get("organs")
+            regions = region_map(targets["label"][rows[labelled]], None if organs is None else organs[rows[labelled]])
+            groups.append((labelled, regions))
+        if (~labelled).any():
+            regions = teacher_region_map(teacher["alpha"][~labelled], self.region_max_uncertainty)
+            groups.append((~labelled, regions))
+        values = [
+            self.contrast(  # type: ignore[misc]
+                [f[which] for f in student["features"]], [f[which] for f in teacher["features"]], regions
+            )
+            for which, regions in groups
+        ]
+        return torch.stack(values).mean()
+
+    def terms(self, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The unweighted terms with a non-zero weight whose inputs are in the batch (see the class docstring)."""
+        num_labelled = targets.get("num_labelled", outputs["alpha"].shape[0])
+        terms = super().terms(_select_rows(outputs, slice(0, num_labelled)), targets)
+        teacher = targets.get("teacher")
+        if teacher is not None:
+            rows = targets["teacher_rows"]
+            student = _select_rows(outputs, rows)
+            if self.attention_weight or self.feature_weight:
+                attention, feature = self.distillation(student["features"], teacher["features"])  # type: ignore
+                if self.attention_weight:
+                    terms["attention"] = attention
+                if self.feature_weight:
+                    terms["feature"] = feature
+            if self.distill_kl_weight:
+                terms["distill_kl"] = self.kl(student["alpha"], teacher["alpha"])
+            if self.contrast_weight:
+                terms["contrast"] = self._contrast(student, teacher, rows, targets)
+        ema = targets.get("ema")
+        if ema is not None and self.consistency_weight:
+            terms["consistency"] = self.consistency(outputs["alpha"][num_labelled:], ema, self.threshold)
+        return terms

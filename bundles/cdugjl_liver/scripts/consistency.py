@@ -1,0 +1,133 @@
+"""Uncertainty-guided mean-teacher consistency (after UA-MT, Yu et al., MICCAI 2019, with evidential uncertainty).
+
+An exponential moving average (EMA) of the student (:func:`ema_network`, updated by :class:`EMAUpdateHandler`)
+predicts on a weakly augmented view of an unlabelled slice; the student predicts on a strongly augmented view of the
+same slice (the spatial transforms are shared, only the intensity transforms differ, so voxels correspond). The
+student's expected probabilities are pulled towards the EMA's only where the EMA's evidential uncertainty
+``u = K / S`` (vacuity of its Dirichlet, in ``(0, 1]``) is below a threshold that rises over training
+(:func:`uncertainty_threshold`), as UA-MT does with the entropy of Monte-Carlo dropout samples; the weight of the
+term ramps up with :func:`sigmoid_rampup`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = [
+    "EMAUpdateHandler",
+    "UncertaintyConsistencyLoss",
+    "ema_network",
+    "sigmoid_rampup",
+    "uncertainty_mask",
+    "uncertainty_threshold",
+    "unwrap",
+]
+
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """The "sigmoid-shaped" ramp of Laine & Aila / UA-MT: ``exp(-5 (1 - t)^2)``, ``t = clip(current / length, 0, 1)``.
+
+    ``length <= 0`` gives 1 (no ramp).
+    """
+    if length <= 0:
+        return 1.0
+    t = min(max(current / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def uncertainty_threshold(current: float, length: float, start: float = 0.75, u_max: float = 1.0) -> float:
+    """UA-MT's threshold ramp on the evidential uncertainty: ``(start + (1 - start) sigmoid_rampup) * u_max``.
+
+    UA-MT ramps an entropy threshold from ``0.75 ln 2`` to ``ln 2`` (its maximum for two classes); here the
+    uncertainty is ``u = K / S`` whose maximum is ``u_max = 1``, so the mask keeps only confident voxels early
+    (``u < 0.75``: total evidence above ``K / 3``) and, at the end of the ramp, every voxel with any evidence.
+    """
+    return (start + (1.0 - start) * sigmoid_rampup(current, length)) * u_max
+
+
+def uncertainty_mask(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[B, 1, *spatial]`` float mask of the voxels whose uncertainty ``K / S`` is below ``threshold``.
+
+    Args:
+        alpha: ``[B, K, *spatial]`` Dirichlet concentrations.
+        threshold: the uncertainty threshold; voxels at or above it are dropped.
+    """
+    uncertainty = alpha.shape[1] / alpha.sum(1, keepdim=True)
+    return (uncertainty < threshold).to(alpha.dtype)
+
+
+class UncertaintyConsistencyLoss(nn.Module):
+    """Masked mean squared difference of the expected probabilities of the student and the EMA teacher.
+
+    ``sum_v m_v mean_k (p^s_vk - p^t_vk)^2 / sum_v m_v`` with ``p = alpha / S`` and ``m`` = :func:`uncertainty_mask`
+    of the EMA's concentrations (UA-MT's ``sum(mask * mse) / (2 sum(mask))`` for two classes); 0 when no voxel passes.
+
+    Args:
+        use_mask: ``False`` gives plain mean-teacher consistency (every voxel, no threshold).
+    """
+
+    def __init__(self, use_mask: bool = True) -> None:
+        super().__init__()
+        self.use_mask = use_mask
+
+    def forward(
+        self, student_alpha: torch.Tensor, teacher_alpha: torch.Tensor, threshold: float = 1.0
+    ) -> torch.Tensor:
+        """
+        Args:
+            student_alpha: ``[B, K, *spatial]`` concentrations of the student on the strong view.
+            teacher_alpha: ``[B, K, *spatial]`` concentrations of the EMA teacher on the weak view (detached).
+            threshold: the current uncertainty threshold (:func:`uncertainty_threshold`).
+
+        Returns:
+            a scalar.
+        """
+        teacher_alpha = teacher_alpha.detach().to(student_alpha)
+        p_s = student_alpha / student_alpha.sum(1, keepdim=True)
+        p_t = teacher_alpha / teacher_alpha.sum(1, keepdim=True)
+        squared = (p_s - p_t).pow(2).mean(1, keepdim=True)
+        if not self.use_mask:
+            return squared.mean()
+        mask = uncertainty_mask(teacher_alpha, threshold)
+        return (squared * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (the network itself otherwise)."""
+    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
+
+
+def ema_network(network: nn.Module, decay: float = 0.99) -> AveragedModel:
+    """An EMA copy of the (unwrapped) student: ``torch.optim.swa_utils.AveragedModel`` with
+    ``get_ema_multi_avg_fn(decay)``, averaging the batch-norm buffers too, in ``eval()`` mode, without gradients.
+
+    The first :meth:`~torch.optim.swa_utils.AveragedModel.update_parameters` copies the student (so weights loaded
+    after this call, e.g. a pretrained ``model.pt``, are picked up); later ones do ``ema = decay ema + (1 - decay) w``.
+    """
+    ema = AveragedModel(unwrap(network), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return ema.eval().requires_grad_(False)
+
+
+class EMAUpdateHandler:
+    """Updates an EMA copy (:func:`ema_network`) from the student after every optimiser step.
+
+    Args:
+        ema: the ``AveragedModel``.
+        network: the student (possibly DDP-wrapped); default: the engine's ``network``.
+    """
+
+    def __init__(self, ema: AveragedModel, network: nn.Module | None = None) -> None:
+        self.ema = ema
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
+        self.ema.update_parameters(unwrap(network))

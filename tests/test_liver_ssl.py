@@ -1,0 +1,439 @@
+"""Semi-supervised CdUgJL pieces of the liver bundle on hand-built tensors: distillation, contrast, KL, consistency,
+ramps, the training loss and batch preparation, EMA, and the uncertainty-quality metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import bundle_module
+
+
+@pytest.fixture(scope="module")
+def distillation():
+    return bundle_module("cdugjl_liver", "distillation")
+
+
+@pytest.fixture(scope="module")
+def consistency():
+    return bundle_module("cdugjl_liver", "consistency")
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return bundle_module("cdugjl_liver", "trainer")
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    return bundle_module("cdugjl_liver", "metrics")
+
+
+def _features(seed: int = 0, channels=(4, 6, 8, 8, 8), size: int = 32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, c, size >> i, size >> i, generator=g) for i, c in enumerate(channels)]
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+def test_identical_teacher_and_student_give_zero_distillation(distillation):
+    feats = _features()
+    loss = distillation.FeatureDistillationLoss([4, 6, 8, 8, 8], stages=(1, 2, 3, 4))
+    attention, feature = loss(feats, [f.clone() for f in feats])
+    assert attention.item() == pytest.approx(0.0, abs=1e-7)
+    assert feature.item() == pytest.approx(0.0, abs=1e-6)
+    attention, feature = loss(feats, _features(seed=1))
+    assert attention.item() > 1e-3 and feature.item() > 1e-2
+
+
+def test_feature_distillation_zero_vectors_and_gradients(distillation):
+    feats = [torch.relu(f) for f in _features()]
+    feats[2][:, :, :4] = 0  # all-zero feature vectors (ReLU) must not count as mismatched
+    loss = distillation.FeatureDistillationLoss([4, 6, 8, 8, 8], stages=(2,))
+    attention, feature = loss(feats, [f.clone() for f in feats])
+    assert attention.item() == pytest.approx(0.0, abs=1e-7) and feature.item() == pytest.approx(0.0, abs=1e-6)
+    student = [f.clone().requires_grad_(True) for f in _features(seed=3)]
+    attention, feature = loss(student, feats)
+    (attention + feature).backward()
+    assert student[2].grad.abs().sum() > 0 and student[1].grad is None  # only the listed stage
+    assert all(p.grad is not None for p in loss.projections.parameters())
+
+
+def test_attention_map_is_normalised(distillation):
+    a = distillation.attention_map(torch.randn(3, 5, 8, 8))
+    assert a.shape == (3, 64)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(3))
+
+
+def test_dirichlet_kl_matches_torch_and_is_zero_for_identical(distillation):
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4, 3, 5, generator=g) * 5 + 0.5
+    q = torch.rand(4, 3, 5, generator=g) * 5 + 0.5
+    kl = distillation.dirichlet_kl(p, q, dim=1)
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Dirichlet(p.movedim(1, -1)), torch.distributions.Dirichlet(q.movedim(1, -1))
+    )
+    torch.testing.assert_close(kl[:, 0], reference, rtol=1e-4, atol=1e-5)
+    assert (kl >= 0).all()
+    loss = distillation.DirichletKLLoss()
+    assert loss(p, p.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(q, p).item() > 0
+
+
+def test_region_map_and_teacher_regions(distillation):
+    label = torch.zeros(1, 1, 4, 4)
+    label[0, 0, 1, 1] = 1
+    organs = torch.zeros(1, 1, 4, 4)
+    organs[0, 0, :2, :2] = 1
+    regions = distillation.region_map(label, organs)
+    assert regions[0, 1, 1] == distillation.TUMOUR and regions[0, 0, 0] == distillation.LIVER
+    assert regions[0, 3, 3] == distillation.BACKGROUND
+    assert set(distillation.region_map(label).unique().tolist()) == {0, 2}  # no organs: tumour vs non-tumour
+    alpha = torch.ones(1, 2, 2, 2)
+    alpha[0, 1, 0, 0] = 20  # confident tumour
+    alpha[0, 0, 0, 1] = 20  # confident background
+    # [1, 1] and [1, 0] stay uncertain (u = 1)
+    teacher = distillation.teacher_region_map(alpha, max_uncertainty=0.5)
+    assert teacher[0].tolist() == [[distillation.TUMOUR, distillation.BACKGROUND], [-1, -1]]
+
+
+def test_region_embeddings_average_features(distillation):
+    features = torch.zeros(1, 2, 2, 2)
+    features[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    regions = torch.tensor([[[0, 0], [1, -1]]])
+    emb, valid = distillation.region_embeddings(features, regions, num_regions=3)
+    torch.testing.assert_close(emb[0, 0], torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close(emb[0, 1], torch.tensor([3.0, 0.0]))
+    assert valid.tolist() == [[True, True, False]]
+    # at half resolution (features 1x1 for 2x2 regions) the region still pools its fractional weight
+    emb, valid = distillation.region_embeddings(torch.ones(1, 2, 1, 1), regions)
+    torch.testing.assert_close(emb[0, :2], torch.ones(2, 2))
+
+
+def test_info_nce_positives_negatives(distillation):
+    eye = torch.eye(3)
+    regions = torch.tensor([0, 1, 2])
+    aligned = distillation.region_info_nce(eye, eye, regions, temperature=0.1)
+    swapped = distillation.region_info_nce(eye, eye[[1, 0, 2]], regions, temperature=0.1)
+    assert aligned.item() < 1e-3 < swapped.item()
+    # same region in two samples: never a negative of each other, both positives
+    two = distillation.region_info_nce(eye[[0, 0, 1]], eye[[0, 0, 1]], torch.tensor([0, 0, 1]), 0.1)
+    assert two.item() < 1e-3
+    # a single region: no negatives, zero loss that is still part of the graph
+    x = torch.randn(2, 3, requires_grad=True)
+    none = distillation.region_info_nce(x, x, torch.tensor([1, 1]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def _region_batch():
+    """Features where each region (background, liver, tumour) has its own direction, and the region map."""
+    regions = torch.zeros(2, 16, 16, dtype=torch.long)
+    regions[:, 4:12, 4:12] = 1
+    regions[:, 6:10, 6:10] = 2
+    directions = torch.eye(3)[:, :, None, None]  # [R, C=3, 1, 1]
+    features = sum((regions[:, None] == r) * directions[r] for r in range(3)).float()  # [2, 3, 16, 16]
+    return features, regions
+
+
+@pytest.mark.parametrize("embed_dim", [0, 8])
+def test_swapping_regions_raises_the_contrastive_loss(distillation, embed_dim):
+    torch.manual_seed(0)
+    features, regions = _region_batch()
+    loss = distillation.RegionContrastiveLoss(3, stage=0, embed_dim=embed_dim, temperature=0.1)
+    right = loss([features], [features], regions)
+    swapped_regions = regions.clone()
+    swapped_regions[regions == 1], swapped_regions[regions == 2] = 2, 1  # tumour <-> liver for the student
+    wrong = loss([features], [features], swapped_regions, regions)
+    assert wrong.item() > right.item() + 0.1
+    if embed_dim == 0:
+        assert right.item() < 0.01
+
+
+def test_contrast_pools_downsampled_features(distillation):
+    features, regions = _region_batch()
+    loss = distillation.RegionContrastiveLoss(3, stage=1, embed_dim=0, temperature=0.1)
+    coarse = torch.nn.functional.avg_pool2d(features, 2)  # the stage-1 map of a 2x smaller resolution
+    assert loss([features, coarse], [features, coarse], regions).item() < 0.5
+
+
+def test_load_teacher(distillation, tmp_path):
+    nets = bundle_module("cdugjl_liver", "networks")
+    small = dict(in_channels=3, channels=(4, 8, 8, 8, 8), quant_hidden=(8,), d_state=2)
+    with pytest.raises(FileNotFoundError, match="train_teacher.json"):
+        distillation.load_teacher(nets.MEAMTNet(**small), tmp_path / "teacher.pt")
+    lazy = distillation.FrozenTeacher(nets.MEAMTNet(**small), tmp_path / "teacher.pt")  # no file needed yet
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+        lazy.forward_all(torch.randn(1, 3, 32, 32))
+    source = nets.MEAMTNet(**small)
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "checkpoint_teacher.pt")
+    teacher = distillation.load_teacher(nets.MEAMTNet(**small), tmp_path / "checkpoint_teacher.pt", "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for a, b in zip(teacher.state_dict().values(), source.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    frozen = distillation.FrozenTeacher(nets.MEAMTNet(**small), tmp_path / "checkpoint_teacher.pt").train()
+    assert not frozen.training and frozen.forward_all(torch.randn(1, 3, 32, 32))["alpha"].shape == (1, 2, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- consistency
+
+
+def test_sigmoid_rampup_and_threshold(consistency):
+    assert consistency.sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
+    assert consistency.sigmoid_rampup(10, 10) == 1.0 and consistency.sigmoid_rampup(25, 10) == 1.0
+    assert consistency.sigmoid_rampup(3, 0) == 1.0
+    values = [consistency.uncertainty_threshold(t, 10) for t in range(12)]
+    assert values == sorted(values)
+    assert values[0] == pytest.approx(0.75 + 0.25 * math.exp(-5)) and values[-1] == pytest.approx(1.0)
+    assert consistency.uncertainty_threshold(10, 10, start=0.5, u_max=0.8) == pytest.approx(0.8)
+
+
+def test_consistency_mask_drops_uncertain_voxels(consistency):
+    # EMA teacher: voxel 0 confident (u = 2 / 22), voxel 1 uncertain (u = 2 / 2.5), both predicting class 0
+    teacher = torch.tensor([[20.0, 1.5], [2.0, 1.0]]).reshape(1, 2, 1, 2)
+    mask = consistency.uncertainty_mask(teacher, threshold=0.5)
+    assert mask.flatten().tolist() == [1.0, 0.0]
+    student = torch.tensor([[20.0, 1.0], [2.0, 30.0]]).reshape(1, 2, 1, 2)  # agrees on voxel 0 only
+    masked = consistency.UncertaintyConsistencyLoss()(student, teacher, threshold=0.5)
+    p_s, p_t = student / student.sum(1, keepdim=True), teacher / teacher.sum(1, keepdim=True)
+    torch.testing.assert_close(masked, ((p_s - p_t) ** 2).mean(1)[0, 0, 0])
+    assert masked.item() == pytest.approx(0.0, abs=1e-6)
+    everything = consistency.UncertaintyConsistencyLoss(use_mask=False)(student, teacher)
+    assert everything.item() > 0.1
+    # a threshold above every uncertainty keeps both voxels
+    assert consistency.UncertaintyConsistencyLoss()(student, teacher, threshold=1.0).item() > 0.1
+    assert consistency.UncertaintyConsistencyLoss()(student, teacher, threshold=0.01).item() == 0.0
+
+
+def test_ema_network_and_handler(consistency):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = consistency.ema_network(net, decay=0.9)
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    handler = consistency.EMAUpdateHandler(ema, net)
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    handler(None)  # first update: copy
+    torch.testing.assert_close(ema.module[0].weight, torch.ones(2, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(3.0)
+    handler(None)
+    torch.testing.assert_close(ema.module[0].weight, torch.full((2, 2), 0.9 * 1 + 0.1 * 3))
+    wrapped = torch.nn.DataParallel(net)
+    assert consistency.unwrap(wrapped) is net
+
+
+# ---------------------------------------------------------------------------------------------- training loss
+
+
+def _tiny_net(in_channels: int):
+    nets = bundle_module("cdugjl_liver", "networks")
+    torch.manual_seed(0)
+    return nets.MEAMTNet(in_channels=in_channels, channels=(4, 8, 8, 8, 8), quant_hidden=(8,), d_state=2)
+
+
+def _targets(n: int, size: int = 32) -> dict:
+    label = torch.zeros(n, 1, size, size)
+    label[:, :, 10:16, 10:16] = 1
+    organs = torch.zeros(n, 1, size, size)
+    organs[:, :, 4:24, 4:24] = 1
+    return {
+        "label": label,
+        "organs": organs,
+        "quant": torch.tensor([[9.0, 9.0, 36.0]]).repeat(n, 1),
+        "quant_mask": torch.ones(n, 3),
+        "spacing": torch.ones(n, 2),
+    }
+
+
+WEIGHTS = dict(attention_weight=1.0, feature_weight=0.5, contrast_weight=0.4, distill_kl_weight=0.1)
+
+
+def _loss(trainer, distillation, **weights):
+    kwargs = {**WEIGHTS, "consistency_weight": 0.1, "edge_weight": 0.1, **weights}
+    return trainer.SemiSupervisedLoss(
+        distillation=distillation.FeatureDistillationLoss([4, 8, 8, 8, 8]),
+        contrast=distillation.RegionContrastiveLoss(8, stage=2, embed_dim=0),
+        rampup_epochs=4,
+        **kwargs,
+    )
+
+
+def test_semi_supervised_loss_identical_teacher(trainer, distillation):
+    """A teacher identical to the student (same weights, same input) gives zero attention, feature and KL terms."""
+    net = _tiny_net(2).train()
+    x = torch.randn(4, 2, 32, 32)
+    outputs = net(x)
+    with torch.no_grad():
+        teacher = net.forward_all(x)
+    targets = {**_targets(2), "num_labelled": 2, "teacher": teacher, "teacher_rows": torch.arange(4)}
+    loss = _loss(trainer, distillation)
+    terms = loss.terms(outputs, targets)
+    assert set(terms) == {"seg", "quant", "edge", "attention", "feature", "distill_kl", "contrast"}
+    for name in ("attention", "feature", "distill_kl"):
+        assert terms[name].item() == pytest.approx(0.0, abs=1e-5), name
+    total = loss(outputs, targets)
+    total.backward()
+    assert set(loss.last_terms) == set(terms)
+    assert all(p.grad is not None for p in net.stem.parameters())
+
+
+@pytest.fixture(scope="module")
+def ssl_batch():
+    """Student outputs (2 labelled + 2 unlabelled rows) with a teacher and an EMA prediction, computed once."""
+    net = _tiny_net(2).train()
+    outputs = net(torch.randn(4, 2, 32, 32))
+    with torch.no_grad():
+        teacher = _tiny_net(3).eval().forward_all(torch.randn(4, 3, 32, 32))
+        ema = net.forward_all(torch.randn(2, 2, 32, 32))["alpha"]
+    targets = {**_targets(2), "num_labelled": 2, "teacher": teacher, "teacher_rows": torch.arange(4), "ema": ema}
+    return outputs, targets
+
+
+@pytest.mark.parametrize("zeroed", ["attention_weight", "feature_weight", "contrast_weight", "distill_kl_weight",
+                                    "consistency_weight", "edge_weight", "quant_weight"])
+def test_zero_weight_removes_term(trainer, distillation, ssl_batch, zeroed):
+    outputs, targets = ssl_batch
+    name = {"distill_kl_weight": "distill_kl"}.get(zeroed, zeroed[: -len("_weight")])
+    assert name in _loss(trainer, distillation).terms(outputs, targets)
+    terms = _loss(trainer, distillation, **{zeroed: 0.0}).terms(outputs, targets)
+    assert name not in terms and len(terms) == 8 - 1
+
+
+def test_supervised_only_and_missing_inputs(trainer):
+    """All SSL weights 0 = the part-1 multi-task loss; terms whose inputs are absent are skipped."""
+    net = _tiny_net(2).train()
+    outputs = net(torch.randn(2, 2, 32, 32))
+    targets = _targets(2)
+    supervised = trainer.SemiSupervisedLoss(edge_weight=0.1)
+    reference = trainer.MultiTaskLoss(edge_weight=0.1)
+    torch.testing.assert_close(supervised(outputs, targets), reference(outputs, targets))
+    with pytest.raises(ValueError):
+        trainer.SemiSupervisedLoss(attention_weight=1.0)
+
+
+def test_consistency_weight_and_threshold_ramp(trainer, distillation):
+    loss = _loss(trainer, distillation)
+    loss.epoch_progress = 0.0
+    start = loss.weights()["consistency"]
+    assert start == pytest.approx(0.1 * math.exp(-5)) and loss.threshold == pytest.approx(0.75 + 0.25 * math.exp(-5))
+    loss.epoch_progress = 4.0
+    assert loss.weights()["consistency"] == pytest.approx(0.1) and loss.threshold == pytest.approx(1.0)
+
+
+def test_epoch_annealing_handler_sets_progress(trainer, distillation):
+    from ignite.engine import Engine
+
+    loss = _loss(trainer, distillation)
+    seen = []
+    engine = Engine(lambda e, b: seen.append((loss.epoch, loss.epoch_progress)))
+    trainer.EpochAnnealingHandler(loss).attach(engine)
+    engine.run([0, 1, 2, 3], max_epochs=2)
+    assert seen[0] == (0, 0.0) and seen[5] == (1, 1.25)
+
+
+class _Records(torch.utils.data.Dataset):
+    def __init__(self, n: int, keys=("image", "strong", "ce")):
+        self.n, self.keys = n, keys
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        sizes = {"image": 2, "strong": 2, "ce": 3}
+        return {k: torch.full((sizes[k], 32, 32), float(i)) for k in self.keys}
+
+
+def test_unlabeled_stream_cycles_and_empty_disables(trainer):
+    stream = trainer.UnlabeledStream(_Records(3), batch_size=2, shuffle=False)
+    firsts = [stream.next()["image"][:, 0, 0, 0].tolist() for _ in range(4)]
+    assert firsts == [[0, 1], [2], [0, 1], [2]]
+    empty = trainer.UnlabeledStream(_Records(0))
+    assert not empty and empty.next() is None
+
+
+def test_prepare_batch_concatenates_and_runs_teachers(trainer, consistency, caplog):
+    student, teacher = _tiny_net(2), _tiny_net(3).eval()
+    ema = consistency.ema_network(student)
+    stream = trainer.UnlabeledStream(_Records(2), batch_size=2, shuffle=False)
+    prepare = trainer.SemiSupervisedPrepareBatch(stream, teacher, ema)
+    labelled = {**_targets(3), "image": torch.randn(3, 2, 32, 32), "ce": torch.randn(3, 3, 32, 32)}
+    inputs, targets = prepare(labelled, "cpu")
+    assert inputs.shape == (5, 2, 32, 32) and targets["num_labelled"] == 3
+    assert targets["teacher_rows"].tolist() == [0, 1, 2, 3, 4] and targets["teacher"]["alpha"].shape[0] == 5
+    assert targets["ema"].shape == (2, 2, 32, 32) and "organs" in targets
+    # labelled records without CE images (MONAI Label): teacher only on the unlabelled rows, noted once
+    del labelled["ce"]
+    with caplog.at_level("WARNING"):
+        inputs, targets = prepare(labelled, "cpu")
+        prepare(labelled, "cpu")
+    assert targets["teacher_rows"].tolist() == [3, 4]
+    assert sum("no 'ce'" in r.message for r in caplog.records) == 1
+    # no unlabelled data, no teacher: the labelled batch alone
+    inputs, targets = trainer.SemiSupervisedPrepareBatch()(labelled, "cpu")
+    assert inputs.shape[0] == 3 and "teacher" not in targets and "ema" not in targets
+    disabled = bundle_module("cdugjl_liver", "distillation").FrozenTeacher(teacher, "absent.pt", enabled=False)
+    assert trainer.SemiSupervisedPrepareBatch(teacher=disabled).teacher is None
+
+
+def test_all_reduce_handler_is_a_no_op_without_process_group(trainer):
+    module = torch.nn.Linear(2, 2)
+    handler = trainer.AllReduceGradientsHandler(module)
+    handler.broadcast(None)
+    handler(None)
+    assert module.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_rank_auroc_matches_pairwise_count(metrics):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (200,), generator=g).float()  # many ties
+    positives = torch.rand(200, generator=g) < 0.3
+    pos, neg = scores[positives], scores[~positives]
+    pairwise = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+    assert metrics.rank_auroc(scores, positives) == pytest.approx(pairwise, abs=1e-9)
+    assert metrics.rank_auroc(torch.tensor([0.1, 0.9]), torch.tensor([False, True])) == 1.0
+    assert math.isnan(metrics.rank_auroc(torch.rand(5), torch.zeros(5, dtype=torch.bool)))
+
+
+def test_expected_calibration_error(metrics):
+    confidence = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55])
+    correct = torch.tensor([True, True, True, False, True, False])
+    # bin of 0.95: accuracy 0.75 (gap 0.2, weight 4/6); bin of 0.55: accuracy 0.5 (gap 0.05, weight 2/6)
+    expected = 4 / 6 * 0.2 + 2 / 6 * 0.05
+    assert metrics.expected_calibration_error(confidence, correct, n_bins=10) == pytest.approx(expected)
+    assert metrics.expected_calibration_error(torch.ones(3), torch.ones(3, dtype=torch.bool)) == pytest.approx(0)
+
+
+def test_calibration_and_auroc_metrics_per_case(metrics):
+    prob = torch.zeros(2, 4, 4)
+    prob[1, :2] = 0.9  # predicted tumour in the top half
+    prob[0] = 1 - prob[1]
+    ref = torch.zeros(2, 4, 4)
+    ref[1, :1] = 1  # tumour in the first row only: row 1 is a false positive
+    ref[0] = 1 - ref[1]
+    uncertainty = torch.full((1, 4, 4), 0.1)
+    uncertainty[0, 1] = 0.8  # the false positives are the uncertain voxels
+    ece = metrics.CalibrationErrorMetric(n_bins=10, region="foreground")
+    ece([prob], [ref])
+    # foreground = rows 0-1, all at confidence 0.9, half of them right
+    assert ece.aggregate().item() == pytest.approx(0.4)
+    for region in ("all", "foreground"):
+        auroc = metrics.UncertaintyAUROCMetric(region=region)
+        auroc([torch.cat([prob, uncertainty])], [ref])
+        assert auroc.aggregate().item() == pytest.approx(1.0)
+
+
+def test_quantification_error_x_and_y(metrics):
+    from monai.data import MetaTensor
+
+    label = torch.zeros(1, 8, 8, 1)
+    label[0, 2:4, 4:6, 0] = 1  # centre (2.5, 4.5) px, spacing 2 mm -> (5, 9) mm
+    label = MetaTensor(label, affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])))
+    pred = torch.tensor([[[6.0, 7.0, 16.0]]])
+    for quantity, expected in (("x", 1.0), ("y", 2.0), ("centre", math.hypot(1, 2)), ("area", 0.0)):
+        metric = metrics.QuantificationErrorMetric(quantity)
+        metric([pred[0]], [label])
+        assert metric.aggregate().item() == pytest.approx(expected), quantity

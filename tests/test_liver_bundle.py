@@ -21,16 +21,17 @@ CONFIGS = BUNDLE / "configs"
 DEMO = str(CONFIGS / "cpu_demo.json")
 
 CHECK_PROPERTIES = """
-import sys
+import json, sys
 from monai.bundle import ConfigWorkflow
-files, workflow_type = sys.argv[1].split(","), sys.argv[2]
-wf = ConfigWorkflow(config_file=files, meta_file=sys.argv[3], logging_file=False, workflow_type=workflow_type,
-                    bundle_root=sys.argv[4], dataset_dir=sys.argv[5], cache_rate=0.0,
-                    output_dir=sys.argv[6], ckpt_dir=sys.argv[6])
-wf.initialize()
-missing = wf.check_properties()
-print("MISSING", missing)
-sys.exit(1 if missing else 0)
+cases, meta, bundle_root, dataset_dir, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+result = {}
+for files, workflow_type in cases:
+    wf = ConfigWorkflow(config_file=files, meta_file=meta, logging_file=False, workflow_type=workflow_type,
+                        bundle_root=bundle_root, dataset_dir=dataset_dir, cache_rate=0.0, output_dir=out, ckpt_dir=out)
+    wf.initialize()
+    result["+".join(f.rsplit("/", 1)[-1] for f in files)] = wf.check_properties()
+    wf.finalize()
+print("RESULT" + json.dumps(result))
 """
 
 
@@ -55,32 +56,28 @@ def test_inference_config_is_standalone():
     assert json.loads(text)["initialize"][:2] == ["$import sys", "$sys.path.insert(0, @bundle_root)"]
 
 
-@pytest.mark.parametrize(
-    "files,workflow_type",
-    [
-        (["train_teacher.json"], "train"),
-        (["train.json"], "train"),
-        (["train.json", "cpu_demo.json"], "train"),
-        (["train.json", "evaluate.json"], "train"),
-        (["train_teacher.json", "evaluate.json"], "train"),
-        (["train.json", "multi_gpu_train.json"], "train"),
-        (["inference.json"], "infer"),
-    ],
-)
-def test_check_properties(tmp_path, liver_data, files, workflow_type):
-    paths = ",".join(str(CONFIGS / f) for f in files)
-    meta = str(CONFIGS / "metadata.json")
-    env = None
-    if "multi_gpu_train.json" in files:  # its initialize joins a (one-process, gloo) process group
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-               "LOCAL_RANK": "0"}
-    proc = run_cmd(
-        [sys.executable, "-c", CHECK_PROPERTIES, paths, workflow_type, meta, str(BUNDLE), str(liver_data), tmp_path],
-        cwd=tmp_path,
-        timeout=300,
-        env=env,
-    )
-    assert "MISSING []" in proc.stdout
+CONFIG_CASES = [
+    (["train_teacher.json"], "train"),
+    (["train.json"], "train"),
+    (["train.json", "cpu_demo.json"], "train"),
+    (["train.json", "evaluate.json"], "train"),
+    (["train_teacher.json", "evaluate.json"], "train"),
+    (["train.json", "multi_gpu_train.json"], "train"),
+    (["inference.json"], "infer"),
+]
+
+
+def test_check_properties(tmp_path, liver_data):
+    """``check_properties() == []`` for every config combination, in one fresh process started outside the bundle."""
+    cases = [([str(CONFIGS / f) for f in files], kind) for files, kind in CONFIG_CASES]
+    # multi_gpu_train.json's initialize joins a (one-process, gloo) process group
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    args = [sys.executable, "-c", CHECK_PROPERTIES, json.dumps(cases), str(CONFIGS / "metadata.json"), str(BUNDLE),
+            str(liver_data), str(tmp_path)]
+    proc = run_cmd(args, cwd=tmp_path, timeout=600, env=env)
+    result = json.loads(proc.stdout.split("RESULT")[-1])
+    assert result == {k: [] for k in result} and len(result) == len(CONFIG_CASES), result
 
 
 def _free_port() -> int:

@@ -41,7 +41,21 @@ def _spacing(y: torch.Tensor) -> list[float] | None:
     return [float(s) for s in y.pixdim[: y.ndim - 2]]
 
 
-class PhysicalHausdorffDistanceMetric(HausdorffDistanceMetric):
+class _UndefinedMeanIsNaN:
+    """Mixin for a cumulative metric: the reduced value is NaN when every case is NaN (no defined distance, e.g.
+    every prediction empty), instead of MONAI's 0, which would read as a perfect distance."""
+
+    def aggregate(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().aggregate(*args, **kwargs)  # type: ignore[misc]
+        buffer = self.get_buffer()  # type: ignore[attr-defined]
+        if not (isinstance(buffer, torch.Tensor) and buffer.numel() and torch.isnan(buffer).all()):
+            return result
+        if isinstance(result, (tuple, list)):
+            return (torch.full_like(result[0], float("nan")), *result[1:])
+        return torch.full_like(result, float("nan"))
+
+
+class PhysicalHausdorffDistanceMetric(_UndefinedMeanIsNaN, HausdorffDistanceMetric):
     """:class:`monai.metrics.HausdorffDistanceMetric` in mm: the spacing is read from the label's affine.
 
     MONAI's ignite handlers pass no ``spacing``; give one-hot ``[C, *spatial]`` MetaTensors per case (decollated).
@@ -54,7 +68,7 @@ class PhysicalHausdorffDistanceMetric(HausdorffDistanceMetric):
         return torch.where(torch.isinf(value), torch.full_like(value, float("nan")), value)
 
 
-class PhysicalSurfaceDistanceMetric(SurfaceDistanceMetric):
+class PhysicalSurfaceDistanceMetric(_UndefinedMeanIsNaN, SurfaceDistanceMetric):
     """:class:`monai.metrics.SurfaceDistanceMetric` (average surface distance) in mm, spacing from the label.
 
     A case whose prediction or reference is empty gives NaN (undefined distance; left out of the mean).

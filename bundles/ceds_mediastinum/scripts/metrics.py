@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,3 +50,12 @@ class SpacingAwareMetricHandler(IgniteMetricHandler):
         for pred_i, y_i in zip(ensure_tuple(y_pred), ensure_tuple(y)):
             spacing = voxel_spacing(y_i) or voxel_spacing(pred_i)
             self.metric_fn(pred_i[None], y_i[None], spacing=spacing)
+
+    def compute(self) -> Any:
+        """The mean over cases, or NaN when no case has a defined value (e.g. every prediction is empty): MONAI's
+        mean over no valid case is 0, which would read as a perfect distance."""
+        result = super().compute()
+        buffer = self.metric_fn.get_buffer()
+        if isinstance(buffer, torch.Tensor) and buffer.numel() and torch.isnan(buffer).all():
+            return float("nan")
+        return result

@@ -121,15 +121,23 @@ def main(
             phantoms.datalist(str(data_dir), label_ratio=ratio, seed=seed)
         train = {} if epochs is None else {"epochs": epochs}
         summary[bundle] = job(out / bundle, data_dir, **train)
-    print(f"\nQuick start finished in {(time.time() - t0) / 60:.1f} min. Outputs:")
+    print(f"\nQuick start finished in {(time.time() - t0) / 60:.1f} min.")
+    report(summary)
+
+
+def report(summary: dict[str, dict[str, Path]]) -> None:
+    """Print, per bundle, where the checkpoints, metrics and predictions are, and the test-split metric means."""
     for bundle, paths in summary.items():
-        print(f"  {bundle}:")
+        print(f"\n{bundle}:")
         for what, path in paths.items():
             files = sorted(p for p in Path(path).rglob("*") if p.is_file())
-            print(f"    {what:<11} {path}  ({len(files)} files)")
-            for f in files[:8]:
-                print(f"        {f.relative_to(path)}")
-
+            print(f"  {what:<11} {path}  ({len(files)} files)")
+            for f in files[:6] if what != "metrics" else [f for f in files if f.name in ("metrics.csv", "per_case.csv")]:
+                print(f"      {f.relative_to(path)}")
+        means = Path(paths["metrics"]) / "metrics.csv"
+        if means.exists():
+            print("  test-split means: " + ", ".join(
+                f"{name}={float(value):.3g}" for name, value in (line.split(",") for line in means.read_text().split())))
 
 if __name__ == "__main__":
     fire.Fire(main)

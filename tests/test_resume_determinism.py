@@ -1,7 +1,8 @@
 """Training faults and determinism of the bundles, through ``python -m monai.bundle run``.
 
-- Resume: a training killed with SIGKILL in the middle of an epoch resumes from its last periodic checkpoint
-  (network, EMA teacher, both optimisers, both schedulers, trainer state) and ends at the planned epoch count.
+- Resume (both bundles): a training killed with SIGKILL in the middle of an epoch resumes from its last periodic
+  checkpoint (network, EMA teacher, optimisers, schedulers, the liver loss's trainable heads, trainer state) and
+  ends at the planned epoch count.
   The resumed run dumps, right after the checkpoint is restored (``Events.STARTED``), the state dicts of what it
   restored; they must equal the checkpoint exactly.
 - Determinism (both bundles): the same seed on CPU (``num_workers`` 0) gives identical losses, validation metrics
@@ -25,6 +26,7 @@ import torch
 from conftest import BUNDLES, run_cmd
 
 CEDS = BUNDLES / "ceds_mediastinum"
+LIVER = BUNDLES / "cdugjl_liver"
 # tiny network and patches on top of cpu_demo.json
 CEDS_TINY = ["--channels", "[2,4,8,16,32]", "--patch_size", "[16,16,16]", "--sw_batch_size", "2"]
 # phases by epoch: no warm-up, confidence re-training in even epochs, semi-supervised (EMA teacher) in odd ones
@@ -39,6 +41,16 @@ def ceds_cmd(*overrides: str, extra_configs: tuple[str, ...] = ()) -> list[str]:
     files = [str(CEDS / "configs" / c) for c in ("train.json", "cpu_demo.json")] + list(extra_configs)
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files), "--bundle_root", str(CEDS),
             "--device", "cpu", "--num_workers", "0", *CEDS_TINY, *overrides]
+
+
+def liver_cmd(*overrides: str, extra_configs: tuple[str, ...] = ()) -> list[str]:
+    """``python -m monai.bundle run`` of the liver student's train.json + cpu_demo.json (+ ``extra_configs``) with a
+    tiny network, EMA consistency on and distillation off (no teacher checkpoint needed), and ``overrides``."""
+    files = [str(LIVER / "configs" / c) for c in ("train.json", "cpu_demo.json")] + list(extra_configs)
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files), "--bundle_root", str(LIVER),
+            "--device", "cpu", "--num_samples", "2", "--num_workers", "0", "--channels", "[4,8,16,32,64]",
+            "--roi_size", "[32,32]", "--attention_weight", "0", "--feature_weight", "0", "--contrast_weight", "0",
+            "--distill_kl_weight", "0", *overrides]
 
 
 def several_iterations_datalist(ct_data: Path, out: Path) -> Path:
@@ -57,12 +69,9 @@ def several_iterations_datalist(ct_data: Path, out: Path) -> Path:
     return path
 
 
-def restored_state_probe(out: Path, probe: Path) -> Path:
-    """An overlay whose ``run`` first adds a ``STARTED`` handler (after the resume loader) dumping the states."""
-    states = ("{'network': e.network.state_dict(), 'teacher': e.teacher.state_dict(), "
-              "'optimizer': e.optimizer.state_dict(), 'confidence_optimizer': e.confidence_optimizer.state_dict(), "
-              "'lr_scheduler': e.lr_scheduler.state_dict(), "
-              "'confidence_lr_scheduler': e.confidence_lr_scheduler.state_dict(), 'trainer': e.state_dict()}")
+def restored_state_probe(out: Path, probe: Path, states: str) -> Path:
+    """An overlay whose ``run`` first adds a ``STARTED`` handler (after the resume loader) that saves ``states``,
+    an expression of the trainer ``e`` and config references, to ``probe``."""
     overlay = {"run": ["$import ignite",
                        f"$@train#trainer.add_event_handler(ignite.engine.Events.STARTED, "
                        f"lambda e: torch.save({states}, {str(probe)!r}))",
@@ -92,7 +101,7 @@ def kill_mid_epoch(cmd: list[str], cwd: Path, ckpt_dir: Path, log: Path, timeout
     """Start ``cmd`` in its own process group; SIGKILL it once an iteration of the epoch after a checkpoint ran.
 
     Returns:
-        the epoch of the newest ``checkpoint_epoch=N.pt`` at the time of the kill.
+        the epoch of the newest ``[<prefix>_]checkpoint_epoch=N.pt`` at the time of the kill.
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(ENV)
@@ -102,7 +111,7 @@ def kill_mid_epoch(cmd: list[str], cwd: Path, ckpt_dir: Path, log: Path, timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"training ended before it was killed:\n{log.read_text()[-4000:]}"
-            epochs = [int(p.stem.split("=")[1]) for p in ckpt_dir.glob("checkpoint_epoch=*.pt")]
+            epochs = [int(p.stem.split("=")[1]) for p in ckpt_dir.glob("*checkpoint_epoch=*.pt")]
             if epochs:
                 saved = max(epochs)
                 running = [m for m in ITER_LINE.finditer(log.read_text()) if int(m.group(1)) == saved + 1]
@@ -137,7 +146,11 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
     resume_from.write_bytes((ckpt_dir / f"checkpoint_epoch={saved}.pt").read_bytes())
 
     probe = tmp_path / "restored.pt"
-    overlay = restored_state_probe(tmp_path, probe)
+    states = ("{'network': e.network.state_dict(), 'teacher': e.teacher.state_dict(), "
+              "'optimizer': e.optimizer.state_dict(), 'confidence_optimizer': e.confidence_optimizer.state_dict(), "
+              "'lr_scheduler': e.lr_scheduler.state_dict(), "
+              "'confidence_lr_scheduler': e.confidence_lr_scheduler.state_dict(), 'trainer': e.state_dict()}")
+    overlay = restored_state_probe(tmp_path, probe, states)
     proc = run_cmd(ceds_cmd(*common, "--resume", "True", "--resume_checkpoint", str(resume_from),
                             extra_configs=(str(overlay),)), cwd=tmp_path, timeout=300, env=ENV)
     log = proc.stdout + proc.stderr
@@ -171,6 +184,51 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
 
 
 @pytest.mark.integration
+def test_liver_resume_after_sigkill(tmp_path, liver_data):
+    """The liver student (EMA consistency on), killed mid-epoch, resumes model, loss heads, EMA, optimiser,
+    scheduler and trainer state from its periodic checkpoint and ends at the planned epoch."""
+    epochs, length = 3, 6
+    ckpt_dir = tmp_path / "models"
+    common = ["--dataset_dir", str(liver_data), "--datalist", str(liver_data / "datalist_20.json"),
+              "--ckpt_dir", str(ckpt_dir), "--output_dir", str(tmp_path / "eval"), "--epochs", str(epochs),
+              "--epoch_length", str(length), "--val_interval", "100", "--checkpoint_interval", "1"]
+    saved = kill_mid_epoch(liver_cmd(*common), tmp_path, ckpt_dir, tmp_path / "killed.log")
+    killed_log = (tmp_path / "killed.log").read_text()
+    last = [m for m in ITER_LINE.finditer(killed_log) if int(m.group(1)) == saved + 1]
+    assert last and int(last[-1].group(3)) < length, killed_log[-3000:]
+    assert not (ckpt_dir / "checkpoint_model.pt").exists()
+    resume_from = tmp_path / "resume_from.pt"
+    resume_from.write_bytes((ckpt_dir / f"model_checkpoint_epoch={saved}.pt").read_bytes())
+
+    probe = tmp_path / "restored.pt"
+    states = ("{'model': @network.state_dict(), 'loss': @loss.state_dict(), 'ema': @ema_network.state_dict(), "
+              "'optimizer': @optimizer.state_dict(), 'lr_scheduler': @lr_scheduler.state_dict(), "
+              "'trainer': e.state_dict()}")
+    overlay = restored_state_probe(tmp_path, probe, states)
+    proc = run_cmd(liver_cmd(*common, "--resume", "True", "--resume_checkpoint", str(resume_from),
+                             extra_configs=(str(overlay),)), cwd=tmp_path, timeout=300, env=ENV)
+    log = proc.stdout + proc.stderr
+    assert f"Restored all variables from {resume_from}" in log
+    assert sorted({int(m.group(1)) for m in ITER_LINE.finditer(log)}) == list(range(saved + 1, epochs + 1))
+
+    ckpt = torch.load(resume_from, map_location="cpu", weights_only=True)
+    restored = torch.load(probe, map_location="cpu", weights_only=True)
+    assert set(ckpt) == set(restored) == {"model", "loss", "ema", "optimizer", "lr_scheduler", "trainer"}
+    for key in ("model", "loss", "ema", "optimizer", "lr_scheduler"):
+        assert_same(ckpt[key], restored[key], key)
+    assert_same(ckpt["trainer"], {**restored["trainer"], "max_epochs": ckpt["trainer"]["max_epochs"]}, "trainer")
+    assert restored["trainer"]["iteration"] == saved * length and restored["trainer"]["max_epochs"] == epochs
+    assert int(ckpt["ema"]["n_averaged"]) == saved * length  # one EMA update per iteration
+    assert any(not torch.equal(ckpt["ema"]["module." + k], v) for k, v in ckpt["model"].items())  # a real EMA
+    assert ckpt["optimizer"]["state"]
+
+    final = torch.load(ckpt_dir / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == epochs * length and final["trainer"]["max_epochs"] == epochs
+    assert int(final["ema"]["n_averaged"]) == epochs * length
+    assert final["lr_scheduler"]["last_epoch"] == ckpt["lr_scheduler"]["last_epoch"] + epochs - saved  # per epoch
+
+
+@pytest.mark.integration
 def test_ceds_same_seed_same_metrics(tmp_path, ct_data):
     """Two identical 2-epoch CPU runs (warm-up then semi-supervised) give identical losses, metrics and weights."""
     runs, logs = [], []
@@ -197,17 +255,12 @@ def test_ceds_same_seed_same_metrics(tmp_path, ct_data):
 def test_liver_same_seed_same_metrics(tmp_path, liver_data):
     """Two identical 2-epoch CPU runs of the liver student (EMA consistency on, distillation off: no teacher
     checkpoint needed) give identical losses, metrics and weights."""
-    liver = BUNDLES / "cdugjl_liver"
-    files = repr([str(liver / "configs" / c) for c in ("train.json", "cpu_demo.json")])
     runs, logs = [], []
     for name in ("a", "b"):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(liver),
-               "--dataset_dir", str(liver_data), "--datalist", str(liver_data / "datalist_20.json"),
-               "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--device", "cpu",
-               "--epochs", "2", "--val_interval", "1", "--num_samples", "2", "--num_workers", "0",
-               "--channels", "[4,8,16,32,64]", "--roi_size", "[32,32]", "--attention_weight", "0",
-               "--feature_weight", "0", "--contrast_weight", "0", "--distill_kl_weight", "0", "--seed", "3"]
+        cmd = liver_cmd("--dataset_dir", str(liver_data), "--datalist", str(liver_data / "datalist_20.json"),
+                        "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--epochs", "2",
+                        "--val_interval", "1", "--seed", "3")
         proc = run_cmd(cmd, cwd=tmp_path, timeout=300, env=ENV)
         runs.append(out)
         log = (proc.stdout + proc.stderr).splitlines()

@@ -1,0 +1,358 @@
+"""Accuracy and ablation benchmark of both bundles on phantom data: every run is a real ``monai.bundle run``.
+
+For each bundle the benchmark generates one phantom dataset with a fixed held-out test split (``phantoms.py``,
+data seed 0), then trains with label ratios 10 %, 20 % and 100 % crossed with {supervised-only on the labelled
+subset, plain mean teacher, the bundle's own method} and several training seeds, and evaluates the **final**
+checkpoint of each run on the test split (no checkpoint is ever selected on the test split). The ablations switch
+one term of the bundle's method off at a time, at 10 % labels. For ``cdugjl_liver`` the contrast-enhanced
+teacher is trained first, per (label ratio, seed), on the same labelled subset as the student, so no label outside
+the subset leaks into the student.
+
+Every finished run writes ``<results_dir>/<profile>/<bundle>/<suite>/<run>.json`` (its commands, wall times and
+test metrics). A run whose JSON exists is skipped, so a profile can be completed over several sittings; checkpoints
+and logs go to ``<work_dir>`` and are not needed afterwards. ``benchmark_report.py`` turns the JSON files into the
+tables and plots of ``docs/benchmarks.md``.
+
+Profiles:
+    ``cpu``: small networks and short schedules on 2 CPU cores (about 2 hours for everything, 2 runs at a time
+    with one thread each). ``gpu``: the bundles' own (paper-sized) networks, patch sizes and schedules, one run at a
+    time.
+
+Usage:
+    python scripts/benchmark_accuracy.py run --profile cpu [--bundles "['ceds_mediastinum','cdugjl_liver']"]
+        [--suites "['accuracy','ablation']"] [--seeds "[0,1,2]"] [--workers 2]
+    python scripts/benchmark_accuracy.py status --profile cpu
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fire
+
+import phantoms
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "docs" / "benchmarks" / "results" / "accuracy"
+WORK_DIR = REPO / "outputs" / "benchmarks"
+RATIOS = (10, 20, 100)
+
+# overrides that turn the liver student into each method (train.json defaults = the full CdUgJL)
+_NO_DISTILLATION = {"attention_weight": 0, "feature_weight": 0, "contrast_weight": 0, "distill_kl_weight": 0}
+METHODS = {
+    "cdugjl_liver": {
+        "supervised": {**_NO_DISTILLATION, "consistency_weight": 0},
+        "mean_teacher": {**_NO_DISTILLATION, "uncertainty_mask": False},
+        "cdugjl": {},
+    },
+    "ceds_mediastinum": {
+        "supervised": {"mode": "supervised"},
+        "mean_teacher": {"mode": "mean_teacher"},
+        "ceds": {"mode": "ceds"},
+    },
+}
+# the bundle's method with one term switched off, at 10 % labels
+ABLATIONS = {
+    "cdugjl_liver": {
+        "no_attention": {"attention_weight": 0},
+        "no_feature": {"feature_weight": 0},
+        "no_contrast": {"contrast_weight": 0},
+        "no_distill_kl": {"distill_kl_weight": 0},
+        "no_consistency": {"consistency_weight": 0},
+        "no_uncertainty_mask": {"uncertainty_mask": False},
+        "no_evidential_kl": {"kl_weight": 0},
+    },
+    "ceds_mediastinum": {
+        "no_confidence_mask": {"mode": "ceds", "confidence_threshold": 0.0},
+        "no_confidence_retraining": {"mode": "ceds", "confidence_interval": 0},
+    },
+}
+ABLATION_RATIO = 10
+
+
+@dataclass(frozen=True)
+class BundleProfile:
+    """How one bundle is benchmarked in one profile.
+
+    Attributes:
+        data: keyword arguments of the phantom generator (``phantoms.liver_mri`` / ``phantoms.mediastinal_ct``).
+        overlays: config files applied after ``train.json`` (and ``evaluate.json``), relative to ``configs/``.
+        train: overrides of every training run (student and teacher).
+        teacher: extra overrides of the liver teacher's training (``train_teacher.json``).
+    """
+
+    data: dict
+    overlays: tuple[str, ...] = ()
+    train: dict = field(default_factory=dict)
+    teacher: dict = field(default_factory=dict)
+
+
+PROFILES = {
+    "cpu": {
+        "cdugjl_liver": BundleProfile(
+            data={"n_cases": 40},
+            overlays=("cpu_demo.json",),
+            train={"channels": [8, 16, 32, 64, 128], "pixdim": [2.0, 2.0], "roi_size": [48, 48],
+                   "learning_rate": 0.003, "epochs": 20, "epoch_length": 20, "val_interval": 20,
+                   "annealing_epochs": 5, "checkpoint_interval": 5},
+        ),
+        "ceds_mediastinum": BundleProfile(
+            data={"n_cases": 40, "tumour_radius": [0.18, 0.32]},
+            overlays=("cpu_demo.json",),
+            train={"pixdim": [1.5, 1.5, 2.0], "learning_rate": 0.03, "min_learning_rate": 0.003, "epochs": 15,
+                   "epoch_length": 20, "val_interval": 15, "warmup_epochs": 5, "confidence_interval": 5,
+                   "confidence_epochs": 1, "checkpoint_interval": 5},
+        ),
+    },
+    # a smoke test of the whole pipeline (tests/test_benchmark.py), seconds per run; its numbers mean nothing
+    "tiny": {
+        "cdugjl_liver": BundleProfile(
+            data={"n_cases": 10, "size": 64, "n_slices": 8},
+            overlays=("cpu_demo.json",),
+            train={"channels": [4, 8, 16, 32, 64], "roi_size": [32, 32], "num_samples": 2, "epochs": 1,
+                   "epoch_length": 2, "val_interval": 1},
+        ),
+        "ceds_mediastinum": BundleProfile(
+            data={"n_cases": 10, "size": 48, "n_slices": 32},
+            overlays=("cpu_demo.json",),
+            train={"channels": [2, 4, 8, 16, 32], "patch_size": [16, 16, 16], "epochs": 2, "epoch_length": 2,
+                   "val_interval": 2, "warmup_epochs": 1, "confidence_interval": 2, "confidence_epochs": 1},
+        ),
+    },
+    "gpu": {
+        "cdugjl_liver": BundleProfile(data={"n_cases": 120, "size": 256, "n_slices": 32}, train={"epochs": 300}),
+        "ceds_mediastinum": BundleProfile(
+            data={"n_cases": 120, "size": 192, "n_slices": 128}, train={"epochs": 3000, "warmup_epochs": 150,
+                                                                     "confidence_interval": 375}),
+    },
+}
+
+
+def _phantom_generator(bundle: str):
+    return phantoms.liver_mri if bundle == "cdugjl_liver" else phantoms.mediastinal_ct
+
+
+def _bundle_cmd(bundle: str, configs: list[str], overrides: dict) -> list[str]:
+    root = REPO / "bundles" / bundle
+    files = [str(root / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files), "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        # Python literals: fire reads ``False`` as a bool but ``false`` as a (truthy) string
+        cmd += [f"--{key}", repr(value) if isinstance(value, (list, bool)) else str(value)]
+    return cmd
+
+
+def _run_logged(cmd: list[str], log: Path, threads: int) -> float:
+    """Run ``cmd`` from the repository root with its output in ``log``; returns the wall time in seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = str(threads)
+    start = time.time()
+    with open(log, "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"exit {proc.returncode}: {log}\n{tail}")
+    return time.time() - start
+
+
+def _read_metrics(eval_dir: Path) -> dict[str, float]:
+    """The test-split summary of ``evaluate.json``: ``metrics.csv`` (``name,value`` or ``name<TAB>value`` lines)."""
+    rows = (re.split(r"[\t,]", line) for line in (eval_dir / "metrics.csv").read_text().splitlines() if line)
+    return {row[0]: float(row[1]) for row in rows}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training + test evaluation."""
+
+    bundle: str
+    suite: str
+    ratio: int
+    method: str
+    seed: int
+    overrides: dict
+
+    @property
+    def name(self) -> str:
+        return f"r{self.ratio:03d}_{self.method}_s{self.seed}"
+
+
+class Benchmark:
+    """Plans, runs and skips the runs of one profile."""
+
+    def __init__(self, profile: str, results_dir: Path, work_dir: Path, threads: int) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        self.profile = profile
+        self.results = Path(results_dir) / profile
+        self.work = Path(work_dir) / profile
+        self.threads = threads
+        self._teacher_locks: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def runs(self, bundles: list[str], suites: list[str], seeds: list[int]) -> list[Run]:
+        """The planned runs: the accuracy suite before the ablations, each ordered by seed, so that an interrupted
+        profile has whole seeds first."""
+        runs = []
+        for bundle in bundles:
+            if "accuracy" in suites:
+                runs += [Run(bundle, "accuracy", r, m, s, o) for s in seeds for r in RATIOS
+                         for m, o in METHODS[bundle].items()]
+            if "ablation" in suites:
+                own = list(METHODS[bundle].values())[-1]
+                runs += [Run(bundle, "ablation", ABLATION_RATIO, a, s, {**own, **o}) for s in seeds
+                         for a, o in ABLATIONS[bundle].items()]
+        return sorted(runs, key=lambda r: (r.suite != "accuracy", r.seed))
+
+    def result_path(self, run: Run) -> Path:
+        return self.results / run.bundle / run.suite / f"{run.name}.json"
+
+    def data_dir(self, bundle: str) -> Path:
+        """Generate (once) the bundle's phantom dataset and its 10/20/100 % datalists."""
+        folder = self.work / "data" / bundle
+        if not all((folder / f"datalist_{r}.json").exists() for r in RATIOS):
+            _phantom_generator(bundle)(out_dir=str(folder), seed=0, **PROFILES[self.profile][bundle].data)
+            for r in RATIOS:
+                phantoms.datalist(str(folder), label_ratio=r / 100, seed=0)
+        return folder
+
+    def _common(self, bundle: str, ratio: int, out: Path) -> dict:
+        data = self.data_dir(bundle)
+        return {"dataset_dir": data, "datalist": data / f"datalist_{ratio}.json", "ckpt_dir": out / "models",
+                "device": "cuda" if self.profile == "gpu" else "cpu", "num_workers": 4 if self.profile == "gpu" else 0}
+
+    def teacher(self, ratio: int, seed: int) -> tuple[Path, float, list[str]]:
+        """The liver teacher of (label ratio, seed), trained on the CE phases of the labelled subset (once)."""
+        with self._lock:
+            lock = self._teacher_locks.setdefault((ratio, seed), threading.Lock())
+        out = self.work / "cdugjl_liver" / "teachers" / f"r{ratio:03d}_s{seed}"
+        ckpt = out / "models" / "checkpoint_teacher.pt"
+        done = out / "done.json"
+        with lock:
+            if not done.exists():
+                prof = PROFILES[self.profile]["cdugjl_liver"]
+                overrides = {**self._common("cdugjl_liver", ratio, out), "output_dir": out / "train",
+                             "seed": seed, **prof.train, **prof.teacher}
+                cmd = _bundle_cmd("cdugjl_liver", ["train_teacher.json", *prof.overlays], overrides)
+                seconds = _run_logged(cmd, out / "train.log", self.threads)
+                done.write_text(json.dumps({"seconds": seconds, "command": cmd}, indent=1))
+            info = json.loads(done.read_text())
+        return ckpt, info["seconds"], info["command"]
+
+    def execute(self, run: Run) -> dict:
+        """Train (and for the liver method, first its teacher), evaluate the final checkpoint on the test split."""
+        prof = PROFILES[self.profile][run.bundle]
+        out = self.work / run.bundle / run.suite / run.name
+        common = self._common(run.bundle, run.ratio, out)
+        record = {"bundle": run.bundle, "suite": run.suite, "ratio": run.ratio, "method": run.method,
+                  "seed": run.seed, "profile": self.profile, "overrides": run.overrides, "commands": {},
+                  "seconds": {}}
+        train = {**common, "output_dir": out / "train", "seed": run.seed, **prof.train, **run.overrides}
+        if run.bundle == "cdugjl_liver":
+            if any(float(train.get(k, 1)) > 0 for k in ("attention_weight", "feature_weight", "contrast_weight",
+                                                         "distill_kl_weight")):
+                teacher, seconds, cmd = self.teacher(run.ratio, run.seed)
+                train["teacher_ckpt"] = teacher
+                record["commands"]["teacher"], record["seconds"]["teacher"] = cmd, seconds
+            final = {"ckpt_name": "checkpoint_model.pt"}
+        else:
+            final = {"eval_checkpoint": out / "models" / "model.pt"}
+        cmd = _bundle_cmd(run.bundle, ["train.json", *prof.overlays], train)
+        record["seconds"]["train"] = _run_logged(cmd, out / "train.log", self.threads)
+        record["commands"]["train"] = cmd
+        evaluate = {**{k: v for k, v in train.items() if k != "output_dir"}, "output_dir": out / "test", **final}
+        cmd = _bundle_cmd(run.bundle, ["train.json", "evaluate.json", *prof.overlays], evaluate)
+        record["seconds"]["evaluate"] = _run_logged(cmd, out / "evaluate.log", self.threads)
+        record["commands"]["evaluate"] = cmd
+        record["metrics"] = _read_metrics(out / "test")
+        record["commands"] = {k: [str(c) for c in v] for k, v in record["commands"].items()}
+        path = self.result_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(path)
+        return record
+
+
+def run(
+    profile: str = "cpu",
+    bundles: list[str] = ("ceds_mediastinum", "cdugjl_liver"),
+    suites: list[str] = ("accuracy", "ablation"),
+    seeds: list[int] = (0, 1, 2),
+    ratios: list[int] = RATIOS,
+    methods: list[str] | None = None,
+    workers: int = 2,
+    threads: int = 1,
+    results_dir: str = str(RESULTS_DIR),
+    work_dir: str = str(WORK_DIR),
+) -> int:
+    """Run every run of the profile that has no result yet, ``workers`` at a time.
+
+    Args:
+        profile: ``"cpu"`` or ``"gpu"``.
+        bundles: bundles to benchmark.
+        suites: ``"accuracy"`` (ratios x methods x seeds) and/or ``"ablation"`` (at 10 % labels).
+        seeds: training seeds (the data split is fixed).
+        ratios: label ratios (percent) to run, of 10, 20, 100.
+        methods: methods and ablation variants to run (default: all).
+        workers: runs at the same time.
+        threads: ``OMP_NUM_THREADS`` of each run.
+        results_dir: where the per-run JSON files go (``<results_dir>/<profile>/<bundle>/<suite>/``).
+        work_dir: data, checkpoints and logs.
+
+    Returns:
+        number of runs that failed (their errors are printed; rerunning retries them).
+    """
+    bench = Benchmark(profile, Path(results_dir), Path(work_dir), threads)
+    todo = [r for r in bench.runs(list(bundles), list(suites), list(seeds)) if not bench.result_path(r).exists()
+            and r.ratio in ratios and (methods is None or r.method in methods)]
+    for bundle in bundles:
+        bench.data_dir(bundle)
+    print(f"{len(todo)} runs to do ({profile} profile, {workers} at a time)", flush=True)
+    failed = 0
+    start = time.time()
+
+    def one(r: Run) -> None:
+        nonlocal failed
+        t0 = time.time()
+        try:
+            rec = bench.execute(r)
+        except Exception as e:  # a failed run is reported and retried on the next call
+            failed += 1
+            print(f"FAILED {r.bundle} {r.suite} {r.name}: {e}", flush=True)
+            return
+        dice = next((v for k, v in rec["metrics"].items() if "dice" in k), float("nan"))
+        print(f"[{(time.time() - start) / 60:5.1f} min] {r.bundle} {r.suite} {r.name}: test Dice {dice:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, todo))
+    print(f"done in {(time.time() - start) / 60:.1f} min, {failed} failed", flush=True)
+    return failed
+
+
+def status(profile: str = "cpu", results_dir: str = str(RESULTS_DIR)) -> None:
+    """Print how many runs of each bundle and suite are finished."""
+    bench = Benchmark(profile, Path(results_dir), WORK_DIR, 1)
+    for bundle in METHODS:
+        for suite in ("accuracy", "ablation"):
+            planned = bench.runs([bundle], [suite], [0, 1, 2])
+            finished = sum(bench.result_path(r).exists() for r in planned)
+            print(f"{bundle:18s} {suite:9s} {finished}/{len(planned)} (3 seeds)")
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "status": status})

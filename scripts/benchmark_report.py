@@ -1,0 +1,210 @@
+"""Tables, summaries and plots of ``docs/benchmarks.md`` from the benchmark result files, never typed by hand.
+
+Reads the per-run JSON files of ``benchmark_accuracy.py`` and ``benchmark_speed.py`` under
+``docs/benchmarks/results/``, writes ``results/accuracy_<profile>_summary.csv`` and ``results/summary.json``, draws
+``docs/benchmarks/dice_vs_label_ratio_<profile>.png`` (next to the document), and replaces each generated block of ``docs/benchmarks.md``
+(between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table.
+
+Usage:
+    python scripts/benchmark_report.py [--profile cpu]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import fire
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+BENCH = DOCS / "benchmarks"
+RESULTS = BENCH / "results"
+
+BUNDLES = ("ceds_mediastinum", "cdugjl_liver")
+RATIOS = (10, 20, 100)
+OWN_METHOD = {"ceds_mediastinum": "ceds", "cdugjl_liver": "cdugjl"}
+METHOD_ORDER = ("supervised", "mean_teacher", "ceds", "cdugjl")
+# displayed metric -> metrics.csv key of each bundle's evaluate.json
+METRICS = {
+    "ceds_mediastinum": {"Dice": "dice", "HD95 (mm)": "hd95", "ASD (mm)": "asd"},
+    "cdugjl_liver": {"Dice": "test_mean_dice", "HD95 (mm)": "test_hd95_mm", "ASD (mm)": "test_asd_mm",
+                     "X MAE (mm)": "test_x_mae_mm", "Y MAE (mm)": "test_y_mae_mm", "area MAE (mm²)": "test_area_mae_mm2",
+                     "ECE": "test_ece", "unc. AUROC": "test_uncertainty_auroc"},
+}
+ACCURACY_COMMAND = "python scripts/benchmark_accuracy.py run --profile {profile}"
+REPORT_COMMAND = "python scripts/benchmark_report.py --profile {profile}"
+
+
+def load_runs(profile: str, results: Path = RESULTS) -> list[dict]:
+    """Every finished accuracy/ablation run of ``profile``."""
+    return [json.loads(p.read_text()) for p in sorted((results / "accuracy" / profile).glob("*/*/*.json"))]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if math.isfinite(x)], float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (bundle, suite, ratio, method): seeds and mean/sd of every metric over the seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["bundle"], r["suite"], r["ratio"], r["method"])].append(r)
+    rows = []
+    for (bundle, suite, ratio, method), members in sorted(groups.items()):
+        row = {"bundle": bundle, "suite": suite, "ratio": ratio, "method": method,
+               "seeds": sorted(m["seed"] for m in members),
+               "train_minutes": _mean_sd([m["seconds"]["train"] / 60 for m in members])[0]}
+        for name, key in METRICS[bundle].items():
+            mean, sd = _mean_sd([m["metrics"].get(key, float("nan")) for m in members])
+            row[f"{name} mean"], row[f"{name} sd"] = mean, sd
+        row["dice_values"] = [m["metrics"][METRICS[bundle]["Dice"]] for m in members]
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, sd: float, digits: int) -> str:
+    return "n/a" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _method_key(m: str) -> int:
+    return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def accuracy_table(rows: list[dict], bundle: str) -> str:
+    """Markdown table of the accuracy suite of ``bundle``."""
+    names = list(METRICS[bundle])
+    lines = ["| labels | method | seeds | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for row in sorted((r for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy"),
+                      key=lambda r: (r["ratio"], _method_key(r["method"]))):
+        cells = [_fmt(row[f"{n} mean"], row[f"{n} sd"], 3 if n in ("Dice", "ECE", "unc. AUROC") else 1)
+                 for n in names]
+        lines.append(f"| {row['ratio']} % | {row['method']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gap_recovered(rows: list[dict], bundle: str) -> list[dict]:
+    """Fraction of the (supervised at r %) -> (supervised at 100 %) Dice gap each semi-supervised method recovers."""
+    dice = {(r["ratio"], r["method"]): r["Dice mean"] for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy"}
+    full = dice.get((100, "supervised"))
+    out = []
+    for ratio in (10, 20):
+        base = dice.get((ratio, "supervised"))
+        for method in ("mean_teacher", OWN_METHOD[bundle]):
+            value = dice.get((ratio, method))
+            if None in (full, base, value):
+                continue
+            gap = full - base
+            out.append({"ratio": ratio, "method": method, "supervised": base, "full": full, "method_dice": value,
+                        "gap": gap, "recovered": (value - base) / gap if gap > 0 else float("nan")})
+    return out
+
+
+def gap_table(rows: list[dict], bundle: str) -> str:
+    lines = ["| labels | method | Dice | supervised at that ratio | supervised at 100 % | gap recovered |",
+             "|---|---|---|---|---|---|"]
+    for g in gap_recovered(rows, bundle):
+        rec = "n/a (no gap)" if not math.isfinite(g["recovered"]) else f"{100 * g['recovered']:.0f} %"
+        lines.append(f"| {g['ratio']} % | {g['method']} | {g['method_dice']:.3f} | {g['supervised']:.3f} | "
+                     f"{g['full']:.3f} | {rec} |")
+    return "\n".join(lines)
+
+
+def ablation_table(rows: list[dict], bundle: str) -> str:
+    names = ["Dice", "HD95 (mm)"] + (["ECE", "unc. AUROC"] if bundle == "cdugjl_liver" else [])
+    lines = ["| variant (10 % labels) | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    own = [r for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy" and r["ratio"] == 10
+           and r["method"] == OWN_METHOD[bundle]]
+    abl = sorted((r for r in rows if r["bundle"] == bundle and r["suite"] == "ablation"), key=lambda r: r["method"])
+    for row in own + abl:
+        label = f"{row['method']} (all terms)" if row["suite"] == "accuracy" else row["method"]
+        cells = [_fmt(row[f"{n} mean"], row[f"{n} sd"], 1 if "mm" in n else 3) for n in names]
+        lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_dice(rows: list[dict], path: Path) -> None:
+    """Test Dice against label ratio, one panel per bundle, one line per method, every seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BUNDLES), figsize=(5.5 * len(BUNDLES), 4), squeeze=False)
+    for ax, bundle in zip(axes[0], BUNDLES):
+        acc = [r for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy"]
+        for i, method in enumerate(sorted({r["method"] for r in acc}, key=_method_key)):
+            pts = sorted((r for r in acc if r["method"] == method), key=lambda r: r["ratio"])
+            x = np.array([r["ratio"] for r in pts], float)
+            offset = 1 + 0.04 * (i - 1)  # dodge the methods on the log axis
+            ax.errorbar(x * offset, [r["Dice mean"] for r in pts], yerr=[r["Dice sd"] for r in pts], marker="o",
+                        capsize=3, label=method)
+            for r in pts:
+                ax.scatter([r["ratio"] * offset] * len(r["dice_values"]), r["dice_values"], s=10, alpha=0.5,
+                           color=ax.lines[-1].get_color())
+        ax.set_xscale("log")
+        ax.set_xticks(list(RATIOS), [f"{r} %" for r in RATIOS])
+        ax.set_xlabel("labelled fraction of the training pool")
+        ax.set_ylabel("test Dice (mean ± sd over seeds; dots: seeds)")
+        ax.set_title(bundle)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Replace the generated block ``name`` of a markdown document (markers kept); the block must exist."""
+    pattern = re.compile(rf"(<!-- begin:{re.escape(name)} -->\n).*?(<!-- end:{re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        raise KeyError(f"no generated block {name!r} in the document")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def _fence(command: str) -> str:
+    return f"```bash\n{command}\n```\n"
+
+
+def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results: str = str(RESULTS)) -> None:
+    """Regenerate the summary files, the plot and every generated block of ``doc`` from the result files.
+
+    Args:
+        profile: benchmark profile whose accuracy results are reported.
+        doc: the markdown document with ``<!-- begin:NAME -->`` / ``<!-- end:NAME -->`` blocks.
+        results: the results folder (``accuracy/<profile>/...`` and ``speed/*.json``).
+    """
+    results_dir = Path(results)
+    rows = summarise(load_runs(profile, results_dir))
+    with open(results_dir / f"accuracy_{profile}_summary.csv", "w", newline="") as f:
+        fields = sorted({k for r in rows for k in r if k != "dice_values"}, key=lambda k: (k not in (
+            "bundle", "suite", "ratio", "method", "seeds"), k))
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"profile": profile, "accuracy": rows,
+               "gap_recovered": {b: gap_recovered(rows, b) for b in BUNDLES}}
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_dice(rows, Path(doc).parent / "benchmarks" / f"dice_vs_label_ratio_{profile}.png")
+
+    head = _fence(ACCURACY_COMMAND.format(profile=profile) + "\n" + REPORT_COMMAND.format(profile=profile))
+    text = Path(doc).read_text()
+    for bundle in BUNDLES:
+        text = replace_block(text, f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
+        text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
+        text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
+    Path(doc).write_text(text)
+    print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
+
+
+if __name__ == "__main__":
+    fire.Fire(report)

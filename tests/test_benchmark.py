@@ -1,0 +1,80 @@
+"""The accuracy benchmark and its report: real (tiny) bundle runs, resumption, tables and plots from result files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO, run_cmd
+
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark_accuracy  # noqa: E402
+import benchmark_report  # noqa: E402
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def test_planned_runs_cover_the_protocol():
+    bench = benchmark_accuracy.Benchmark("cpu", REPO / "unused", REPO / "unused", 1)
+    runs = bench.runs(["ceds_mediastinum", "cdugjl_liver"], ["accuracy", "ablation"], [0, 1, 2])
+    accuracy = [r for r in runs if r.suite == "accuracy"]
+    # 3 ratios x 3 methods x 3 seeds per bundle; ablations at 10 % only; accuracy first, whole seeds first
+    assert len(accuracy) == 2 * 27 and len({(r.bundle, r.ratio, r.method, r.seed) for r in accuracy}) == 54
+    assert {r.ratio for r in runs if r.suite == "ablation"} == {10}
+    assert [r.suite for r in runs] == sorted((r.suite for r in runs), key=lambda s: s != "accuracy")
+    assert [r.seed for r in accuracy] == sorted(r.seed for r in accuracy)
+    # an ablation is the bundle's method with exactly one change
+    liver = {r.method: r.overrides for r in runs if r.bundle == "cdugjl_liver" and r.seed == 0}
+    assert liver["cdugjl"] == {} and liver["no_contrast"] == {"contrast_weight": 0}
+    assert liver["supervised"]["consistency_weight"] == 0 and liver["mean_teacher"]["uncertainty_mask"] is False
+
+
+def test_bool_overrides_reach_the_config_as_bools():
+    cmd = benchmark_accuracy._bundle_cmd("cdugjl_liver", ["train.json"], {"uncertainty_mask": False, "a": [1, 2]})
+    assert cmd[cmd.index("--uncertainty_mask") + 1] == "False" and cmd[cmd.index("--a") + 1] == "[1, 2]"
+
+
+def test_gap_recovered_and_missing_blocks():
+    rows = [{"bundle": "ceds_mediastinum", "suite": "accuracy", "ratio": r, "method": m, "Dice mean": d}
+            for r, m, d in ((100, "supervised", 0.8), (10, "supervised", 0.4), (10, "ceds", 0.7),
+                            (10, "mean_teacher", 0.5))]
+    gaps = {g["method"]: g for g in benchmark_report.gap_recovered(rows, "ceds_mediastinum")}
+    assert gaps["ceds"]["recovered"] == pytest.approx(0.75) and gaps["mean_teacher"]["recovered"] == pytest.approx(0.25)
+    assert benchmark_report.replace_block("a\n<!-- begin:x -->\nold\n<!-- end:x -->\nb", "x", "new") == (
+        "a\n<!-- begin:x -->\nnew\n<!-- end:x -->\nb")
+    with pytest.raises(KeyError):
+        benchmark_report.replace_block("no markers", "x", "new")
+
+
+@pytest.mark.integration
+def test_tiny_profile_runs_resumes_and_reports(tmp_path):
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_accuracy.py"), "run", "--profile", "tiny",
+           "--bundles", "['ceds_mediastinum']", "--suites", "['accuracy']", "--seeds", "[0]", "--ratios", "[10]",
+           "--methods", "['supervised','ceds']", "--results_dir", str(results / "accuracy"), "--work_dir", str(work)]
+    proc = run_cmd(cmd, cwd=tmp_path, timeout=600, env=ENV)
+    assert "2 runs to do" in proc.stdout and "0 failed" in proc.stdout
+    files = sorted((results / "accuracy" / "tiny" / "ceds_mediastinum" / "accuracy").glob("*.json"))
+    assert [f.name for f in files] == ["r010_ceds_s0.json", "r010_supervised_s0.json"]
+    record = json.loads(files[0].read_text())
+    assert record["overrides"] == {"mode": "ceds"} and 0.0 <= record["metrics"]["dice"] <= 1.0
+    assert "--eval_checkpoint" in record["commands"]["evaluate"]  # the final checkpoint, not a selected one
+    # finished runs are skipped
+    again = run_cmd(cmd, cwd=tmp_path, timeout=120, env=ENV)
+    assert "0 runs to do" in again.stdout
+
+    doc = tmp_path / "benchmarks.md"
+    shutil.copy(REPO / "docs" / "benchmarks.md", doc)
+    run_cmd([sys.executable, str(REPO / "scripts" / "benchmark_report.py"), "--profile", "tiny", "--doc", str(doc),
+             "--results", str(results)], cwd=tmp_path, timeout=120, env=ENV)
+    text = doc.read_text()
+    block = text[text.index("<!-- begin:accuracy_ceds_mediastinum -->"):text.index("<!-- end:accuracy_ceds")]
+    assert "python scripts/benchmark_accuracy.py run --profile tiny" in block
+    assert f"| 10 % | ceds | 1 | {record['metrics']['dice']:.3f} ± 0.000 |" in block
+    assert (tmp_path / "benchmarks" / "dice_vs_label_ratio_tiny.png").stat().st_size > 1000
+    summary = json.loads((results / "summary.json").read_text())
+    assert {(r["ratio"], r["method"]) for r in summary["accuracy"]} == {(10, "supervised"), (10, "ceds")}
+    assert (results / "accuracy_tiny_summary.csv").read_text().startswith("bundle,")

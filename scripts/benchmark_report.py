@@ -5,8 +5,13 @@ Reads the per-run JSON files of ``benchmark_accuracy.py`` and ``benchmark_speed.
 ``docs/benchmarks/dice_vs_label_ratio_<profile>.png`` (next to the document), and replaces each generated block of ``docs/benchmarks.md``
 (between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table.
 
+``figure`` runs each bundle's ``inference.json`` with the final checkpoint of its own method (10 % labels,
+seed 0) on test cases and draws ``docs/benchmarks/test_cases_<profile>.png``: image, ground truth, prediction and
+uncertainty (liver) or confidence (CEDS) through the slice with the most tumour.
+
 Usage:
-    python scripts/benchmark_report.py [--profile cpu]
+    python scripts/benchmark_report.py report [--profile cpu]
+    python scripts/benchmark_report.py figure [--profile cpu] [--n_cases 3]
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ METRICS = {
                      "ECE": "test_ece", "unc. AUROC": "test_uncertainty_auroc"},
 }
 ACCURACY_COMMAND = "python scripts/benchmark_accuracy.py run --profile {profile}"
-REPORT_COMMAND = "python scripts/benchmark_report.py --profile {profile}"
+REPORT_COMMAND = "python scripts/benchmark_report.py report --profile {profile}"
 
 
 def load_runs(profile: str, results: Path = RESULTS) -> list[dict]:
@@ -206,5 +211,80 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
     print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
 
 
+def _slice_with_most(label: np.ndarray) -> int:
+    """Index of the last-axis slice of ``label`` with the most foreground (the middle one if there is none)."""
+    area = label.reshape(-1, label.shape[-1]).sum(0)
+    return int(area.argmax()) if area.max() > 0 else label.shape[-1] // 2
+
+
+def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 0,
+           work_dir: str = str(REPO / "outputs" / "benchmarks"), out: str = str(BENCH)) -> Path:
+    """Predict ``n_cases`` test cases with each bundle's own method and draw them side by side.
+
+    Args:
+        profile: benchmark profile whose checkpoints are used (from ``benchmark_accuracy.py run``).
+        n_cases: test cases per bundle (rows).
+        ratio: label ratio of the run whose checkpoint is shown.
+        seed: seed of that run.
+        work_dir: the benchmark's work folder (data and checkpoints).
+        out: folder of the PNG.
+
+    Returns:
+        path of the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    import benchmark_accuracy as ba
+
+    bench = ba.Benchmark(profile, ba.RESULTS_DIR, Path(work_dir), threads=2)
+    panels = []
+    for bundle in BUNDLES:
+        prof = ba.PROFILES[profile][bundle]
+        data = bench.data_dir(bundle)
+        run_dir = bench.work / bundle / "accuracy" / f"r{ratio:03d}_{OWN_METHOD[bundle]}_s{seed}"
+        ckpt = run_dir / "models" / ("checkpoint_model.pt" if bundle == "cdugjl_liver" else "model.pt")
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: run `python scripts/benchmark_accuracy.py run --profile {profile}` first")
+        test = json.loads((data / f"datalist_{ratio}.json").read_text())["test"][:n_cases]
+        records = [{k: ([str(data / x) for x in v] if isinstance(v, list) else str(data / v))
+                    for k, v in r.items() if k in ("image", "label")} for r in test]
+        network = {k: v for k, v in prof.train.items() if k in ("channels", "pixdim", "patch_size")}
+        pred_dir = run_dir / "figure"
+        cmd = ba._bundle_cmd(bundle, ["inference.json", *prof.overlays],
+                             {"data": [{"image": r["image"]} for r in records], "checkpoint": ckpt,
+                              "output_dir": pred_dir, "device": "cpu", **network})
+        ba._run_logged(cmd, run_dir / "figure.log", threads=2)
+        second = "uncertainty" if bundle == "cdugjl_liver" else "confidence"
+        for record, case in zip(records, test):
+            image_file = record["image"][0] if isinstance(record["image"], list) else record["image"]
+            name = case.get("case", Path(image_file).name.split(".")[0])  # outputs are named by case
+            image = nib.load(image_file).get_fdata()
+            label = nib.load(record["label"]).get_fdata()
+            pred = nib.load(next(pred_dir.rglob(f"{name}*_seg.nii.gz"))).get_fdata()
+            extra = nib.load(next(pred_dir.rglob(f"{name}*_{second}.nii.gz"))).get_fdata()
+            z = _slice_with_most(label)
+            panels.append((f"{bundle}\n{name}, slice {z}", image[..., z], label[..., z],
+                           pred.reshape(label.shape)[..., z], extra.reshape(label.shape)[..., z], second))
+    fig, axes = plt.subplots(len(panels), 4, figsize=(11, 2.8 * len(panels)), squeeze=False)
+    for row, (title, image, label, pred, extra, second) in zip(axes, panels):
+        for ax, img, name in zip(row, (image, label, pred, extra), ("image", "ground truth", "prediction", second)):
+            ax.imshow(np.rot90(img), cmap="gray" if name == "image" else "viridis",
+                      vmin=None if name in ("image", second) else 0, vmax=None if name in ("image", second) else 1)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        row[0].text(-0.05, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    path = Path(out) / f"test_cases_{profile}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"-> {path}")
+    return path
+
+
 if __name__ == "__main__":
-    fire.Fire(report)
+    fire.Fire({"report": report, "figure": figure})

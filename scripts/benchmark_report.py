@@ -136,6 +136,54 @@ def ablation_table(rows: list[dict], bundle: str) -> str:
     return "\n".join(lines)
 
 
+def _speed(results: Path, name: str) -> dict | None:
+    path = results / "speed" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _env_line(data: dict) -> str:
+    env = data["environment"]
+    return (f"Measured {env['date_utc'][:10]} on {env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} "
+            f"torch thread(s), load average {env['load_average'][0]:.1f}), torch {env['torch']}.")
+
+
+def scan_table(data: dict) -> str:
+    lines = [_fence(data["command"]), _env_line(data), "",
+             "| device | L | chunked (s) | sequential reference (s) | speed-up | peak MB chunked / reference | max abs. error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['device']} | {r.get('length', '')} | {r['status']} | | | | |")
+            continue
+        lines.append(f"| {r['device']} | {r['length']} | {r['time_s']:.3f} | {r['baseline_time_s']:.3f} | "
+                     f"{r['speedup']:.1f}x | {r.get('peak_mb', float('nan')):.0f} / "
+                     f"{r.get('baseline_peak_mb', float('nan')):.0f} | {r['max_abs_error']:.1e} |")
+    return "\n".join(lines)
+
+
+def iteration_table(data: dict) -> str:
+    lines = [_fence(data["command"]), _env_line(data), "",
+             "| bundle | method | median iteration (s) | ratio to supervised | fastest-iteration ratio | "
+             "labelled + unlabelled inputs |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['bundle']} | {r['method']} | {r['iteration_s']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['min_ratio']:.2f} | {r['labelled_batch']} + {r['unlabelled_batch']} |")
+    return "\n".join(lines)
+
+
+def inference_table(data: dict) -> str:
+    lines = [_fence(data["command"]), _env_line(data), "",
+             "| volume | widths | network | baseline | time (s) | baseline (s) | time ratio | peak RSS GB | "
+             "baseline peak RSS GB | extrapolated |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        shape = "x".join(str(s) for s in r["shape"])
+        lines.append(f"| {r['volume']} {shape} | {r['widths']} | {r['network']} | {r['baseline']} | "
+                     f"{r['time_s']:.0f} | {r['baseline_time_s']:.0f} | {r['time_ratio']:.2f} | "
+                     f"{r['peak_rss_gb']:.2f} | {r['baseline_peak_rss_gb']:.2f} | "
+                     f"{'yes' if r.get('extrapolated') else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot_dice(rows: list[dict], path: Path) -> None:
     """Test Dice against label ratio, one panel per bundle, one line per method, every seed as a dot."""
     import matplotlib
@@ -207,6 +255,10 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         text = replace_block(text, f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
         text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
         text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
+    for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table)):
+        data = _speed(results_dir, name)
+        if data is not None:
+            text = replace_block(text, f"speed_{name}", table(data))
     Path(doc).write_text(text)
     print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
 

@@ -3,7 +3,8 @@
 Reads the per-run JSON files of ``benchmark_accuracy.py`` and ``benchmark_speed.py`` under
 ``docs/benchmarks/results/``, writes ``results/accuracy_<profile>_summary.csv`` and ``results/summary.json``, draws
 ``docs/benchmarks/dice_vs_label_ratio_<profile>.png`` (next to the document), and replaces each generated block of ``docs/benchmarks.md``
-(between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table.
+(between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table, as well as the accuracy table of
+each bundle's model card (``bundles/<bundle>/docs/README.md``, found relative to the document).
 
 ``figure`` runs each bundle's ``inference.json`` with the final checkpoint of its own method (10 % labels,
 seed 0) on test cases and draws ``docs/benchmarks/test_cases_<profile>.png``: image, ground truth, prediction and
@@ -260,6 +261,11 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         if data is not None:
             text = replace_block(text, f"speed_{name}", table(data))
     Path(doc).write_text(text)
+    for bundle in BUNDLES:  # the model cards carry the accuracy table too
+        card = Path(doc).parent.parent / "bundles" / bundle / "docs" / "README.md"
+        if card.exists():
+            card.write_text(replace_block(card.read_text(), f"accuracy_{bundle}",
+                                          head + "\n" + accuracy_table(rows, bundle)))
     print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
 
 

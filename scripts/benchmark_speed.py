@@ -482,7 +482,7 @@ def _scan_gpu_row(length: int, batch: int, d_inner: int, d_state: int, chunk_siz
 
 
 def scan(
-    lengths: Sequence[int] = (256, 1024, 4096),
+    lengths: Sequence[int] = (256, 1024, 4096, 16384),
     batch: int = 2,
     d_inner: int = 64,
     d_state: int = 16,
@@ -497,7 +497,7 @@ def scan(
     """Chunked vs. sequential selective scan on the CPU (and ``mamba_ssm`` vs. chunked on a GPU, if any).
 
     Args:
-        lengths: sequence lengths ``L`` (add 16384 for the long case; the reference then takes a while).
+        lengths: sequence lengths ``L`` (the reference takes a few seconds per repeat at 16384).
         batch: batch size ``B``.
         d_inner: channels ``D``. For scale: MEAMT-Net's bottleneck Mamba has ``D = 2 * channels[4]`` (512 at
             cpu_demo widths, 2048 at paper widths) and ``L = H * W / 256`` tokens per slice.

@@ -2,7 +2,8 @@
 
 For each bundle the benchmark generates one phantom dataset with a fixed held-out test split (``phantoms.py``,
 data seed 0), then trains with label ratios 10 %, 20 % and 100 % crossed with {supervised-only on the labelled
-subset, plain mean teacher, the bundle's own method} and several training seeds, and evaluates the **final**
+subset, plain mean teacher, the bundle's own method} and several training seeds (at 100 % only the methods
+that do more than supervised training without unlabelled data), and evaluates the **final**
 checkpoint of each run on the test split (no checkpoint is ever selected on the test split). The ablations switch
 one term of the bundle's method off at a time, at 10 % labels. For ``cdugjl_liver`` the contrast-enhanced
 teacher is trained first, per (label ratio, seed), on the same labelled subset as the student, so no label outside
@@ -61,6 +62,9 @@ METHODS = {
         "ceds": {"mode": "ceds"},
     },
 }
+# methods that differ from supervised training only on unlabelled data: at 100 % labels (no unlabelled case left)
+# they are the supervised run itself, so they are not run again
+UNLABELLED_ONLY = {"cdugjl_liver": ("mean_teacher",), "ceds_mediastinum": ("mean_teacher", "ceds")}
 # the bundle's method with one term switched off, at 10 % labels
 ABLATIONS = {
     "cdugjl_liver": {
@@ -210,7 +214,7 @@ class Benchmark:
         for bundle in bundles:
             if "accuracy" in suites:
                 runs += [Run(bundle, "accuracy", r, m, s, o) for s in seeds for r in RATIOS
-                         for m, o in METHODS[bundle].items()]
+                         for m, o in METHODS[bundle].items() if r < 100 or m not in UNLABELLED_ONLY[bundle]]
             if "ablation" in suites:
                 own = list(METHODS[bundle].values())[-1]
                 runs += [Run(bundle, "ablation", ABLATION_RATIO, a, s, {**own, **o}) for s in seeds

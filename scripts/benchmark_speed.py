@@ -106,7 +106,9 @@ from pathlib import Path
 from typing import Any
 
 import fire
+import phantoms
 import torch
+from benchmark_accuracy import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -114,29 +116,12 @@ DEFAULT_OUT_DIR = "docs/benchmarks/results/speed"
 SCAN_TOLERANCE = 1e-4
 VNET_CHANNELS = [16, 32, 64, 128, 256]
 """The fixed widths of ``monai.networks.nets.VNet`` (recorded in the inference rows)."""
+# the benchmark's methods (benchmark_accuracy.METHODS); CEDS's semi-supervised methods in their semi-supervised phase
+_SEMI_PHASE = {"warmup_epochs": 0, "confidence_interval": 0}
 ITERATION_METHODS = {
-    "ceds_mediastinum": {
-        "supervised": {"mode": "supervised"},
-        "mean_teacher": {"mode": "mean_teacher", "warmup_epochs": 0, "confidence_interval": 0},
-        "ceds": {"mode": "ceds", "warmup_epochs": 0, "confidence_interval": 0},
-    },
-    "cdugjl_liver": {
-        "supervised": {
-            "attention_weight": 0.0,
-            "feature_weight": 0.0,
-            "contrast_weight": 0.0,
-            "distill_kl_weight": 0.0,
-            "consistency_weight": 0.0,
-        },
-        "mean_teacher": {
-            "attention_weight": 0.0,
-            "feature_weight": 0.0,
-            "contrast_weight": 0.0,
-            "distill_kl_weight": 0.0,
-            "uncertainty_mask": False,
-        },
-        "cdugjl": {},
-    },
+    bundle: {m: {**o, **(_SEMI_PHASE if bundle == "ceds_mediastinum" and m != "supervised" else {})}
+             for m, o in methods.items()}
+    for bundle, methods in METHODS.items()
 }
 """Config overrides of every method, per bundle; ``supervised`` is the reference of the ratios."""
 
@@ -588,10 +573,6 @@ def phantom_datalists(data_dir: str, n_cases: int = 8, label_ratio: float = 0.5)
     Returns:
         ``{"cdugjl_liver": datalist path, "ceds_mediastinum": datalist path}``.
     """
-    if str(REPO / "scripts") not in sys.path:
-        sys.path.insert(0, str(REPO / "scripts"))
-    import phantoms
-
     paths = {}
     for bundle, sub, generator in (("cdugjl_liver", "liver", phantoms.liver_mri),
                                    ("ceds_mediastinum", "ct", phantoms.mediastinal_ct)):

@@ -6,13 +6,11 @@ import json
 import shutil
 import sys
 
+import benchmark_accuracy
+import benchmark_report
 import pytest
 
 from conftest import REPO, run_cmd
-
-sys.path.insert(0, str(REPO / "scripts"))
-import benchmark_accuracy  # noqa: E402
-import benchmark_report  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 

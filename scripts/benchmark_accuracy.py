@@ -10,7 +10,8 @@ teacher is trained first, per (label ratio, seed), on the same labelled subset a
 the subset leaks into the student.
 
 Every finished run writes ``<results_dir>/<profile>/<bundle>/<suite>/<run>.json`` (its commands, wall times and
-test metrics). A run whose JSON exists is skipped, so a profile can be completed over several sittings; checkpoints
+test metrics, and the profile settings). A run whose JSON exists with the current profile settings is skipped, so a
+profile can be completed over several sittings, and changing a profile reruns its runs; checkpoints
 and logs go to ``<work_dir>`` and are not needed afterwards. ``benchmark_report.py`` turns the JSON files into the
 tables and plots of ``docs/benchmarks.md``.
 
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import fire
@@ -107,8 +108,8 @@ PROFILES = {
             data={"n_cases": 40},
             overlays=("cpu_demo.json",),
             train={"channels": [8, 16, 32, 64, 128], "pixdim": [2.0, 2.0], "roi_size": [48, 48],
-                   "learning_rate": 0.003, "epochs": 20, "epoch_length": 20, "val_interval": 20,
-                   "annealing_epochs": 5, "checkpoint_interval": 5},
+                   "learning_rate": 0.003, "epochs": 30, "epoch_length": 20, "val_interval": 30,
+                   "checkpoint_interval": 10},
         ),
         "ceds_mediastinum": BundleProfile(
             data={"n_cases": 40, "tumour_radius": [0.18, 0.32]},
@@ -224,6 +225,15 @@ class Benchmark:
     def result_path(self, run: Run) -> Path:
         return self.results / run.bundle / run.suite / f"{run.name}.json"
 
+    def settings(self, bundle: str) -> dict:
+        """The bundle's profile settings as recorded in every result (JSON types)."""
+        return json.loads(json.dumps(asdict(PROFILES[self.profile][bundle])))
+
+    def finished(self, run: Run) -> bool:
+        """Whether ``run`` has a result made with the current profile settings (a changed profile reruns it)."""
+        path = self.result_path(run)
+        return path.exists() and json.loads(path.read_text()).get("profile_settings") == self.settings(run.bundle)
+
     def data_dir(self, bundle: str) -> Path:
         """Generate (once) the bundle's phantom dataset and its 10/20/100 % datalists."""
         folder = self.work / "data" / bundle
@@ -245,14 +255,16 @@ class Benchmark:
         out = self.work / "cdugjl_liver" / "teachers" / f"r{ratio:03d}_s{seed}"
         ckpt = out / "models" / "checkpoint_teacher.pt"
         done = out / "done.json"
+        settings = self.settings("cdugjl_liver")
         with lock:
-            if not done.exists():
+            if not done.exists() or json.loads(done.read_text()).get("profile_settings") != settings:
                 prof = PROFILES[self.profile]["cdugjl_liver"]
                 overrides = {**self._common("cdugjl_liver", ratio, out), "output_dir": out / "train",
                              "seed": seed, **prof.train, **prof.teacher}
                 cmd = _bundle_cmd("cdugjl_liver", ["train_teacher.json", *prof.overlays], overrides)
                 seconds = _run_logged(cmd, out / "train.log", self.threads)
-                done.write_text(json.dumps({"seconds": seconds, "command": cmd}, indent=1))
+                done.write_text(json.dumps({"seconds": seconds, "command": [str(c) for c in cmd],
+                                            "profile_settings": settings}, indent=1))
             info = json.loads(done.read_text())
         return ckpt, info["seconds"], info["command"]
 
@@ -262,8 +274,8 @@ class Benchmark:
         out = self.work / run.bundle / run.suite / run.name
         common = self._common(run.bundle, run.ratio, out)
         record = {"bundle": run.bundle, "suite": run.suite, "ratio": run.ratio, "method": run.method,
-                  "seed": run.seed, "profile": self.profile, "overrides": run.overrides, "commands": {},
-                  "seconds": {}}
+                  "seed": run.seed, "profile": self.profile, "profile_settings": self.settings(run.bundle),
+                  "overrides": run.overrides, "commands": {}, "seconds": {}}
         train = {**common, "output_dir": out / "train", "seed": run.seed, **prof.train, **run.overrides}
         if run.bundle == "cdugjl_liver":
             if any(float(train.get(k, 1)) > 0 for k in ("attention_weight", "feature_weight", "contrast_weight",
@@ -321,7 +333,7 @@ def run(
         number of runs that failed (their errors are printed; rerunning retries them).
     """
     bench = Benchmark(profile, Path(results_dir), Path(work_dir), threads)
-    todo = [r for r in bench.runs(list(bundles), list(suites), list(seeds)) if not bench.result_path(r).exists()
+    todo = [r for r in bench.runs(list(bundles), list(suites), list(seeds)) if not bench.finished(r)
             and r.ratio in ratios and (methods is None or r.method in methods)]
     for bundle in bundles:
         bench.data_dir(bundle)
@@ -354,7 +366,7 @@ def status(profile: str = "cpu", results_dir: str = str(RESULTS_DIR)) -> None:
     for bundle in METHODS:
         for suite in ("accuracy", "ablation"):
             planned = bench.runs([bundle], [suite], [0, 1, 2])
-            finished = sum(bench.result_path(r).exists() for r in planned)
+            finished = sum(bench.finished(r) for r in planned)
             print(f"{bundle:18s} {suite:9s} {finished}/{len(planned)} (3 seeds)")
 
 

@@ -281,7 +281,7 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 
 
     Args:
         profile: benchmark profile whose checkpoints are used (from ``benchmark_accuracy.py run``).
-        n_cases: test cases per bundle (rows).
+        n_cases: test cases per bundle (rows), the first ones of the test split with a tumour.
         ratio: label ratio of the run whose checkpoint is shown.
         seed: seed of that run.
         work_dir: the benchmark's work folder (data and checkpoints).
@@ -307,7 +307,8 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 
         ckpt = run_dir / "models" / ("checkpoint_model.pt" if bundle == "cdugjl_liver" else "model.pt")
         if not ckpt.exists():
             raise FileNotFoundError(f"{ckpt}: run `python scripts/benchmark_accuracy.py run --profile {profile}` first")
-        test = json.loads((data / f"datalist_{ratio}.json").read_text())["test"][:n_cases]
+        test = [r for r in json.loads((data / f"datalist_{ratio}.json").read_text())["test"]
+                if nib.load(data / r["label"]).get_fdata().any()][:n_cases]  # cases with a tumour
         records = [{k: ([str(data / x) for x in v] if isinstance(v, list) else str(data / v))
                     for k, v in r.items() if k in ("image", "label")} for r in test]
         network = {k: v for k, v in prof.train.items() if k in ("channels", "pixdim", "patch_size")}

@@ -107,9 +107,8 @@ PROFILES = {
         "cdugjl_liver": BundleProfile(
             data={"n_cases": 40},
             overlays=("cpu_demo.json",),
-            train={"channels": [8, 16, 32, 64, 128], "pixdim": [2.0, 2.0], "roi_size": [48, 48],
-                   "learning_rate": 0.003, "epochs": 30, "epoch_length": 20, "val_interval": 30,
-                   "checkpoint_interval": 10},
+            train={"channels": [8, 16, 32, 64, 128], "pixdim": [2.0, 2.0], "roi_size": [48, 48], "epochs": 30,
+                   "epoch_length": 20, "val_interval": 30, "checkpoint_interval": 10},
         ),
         "ceds_mediastinum": BundleProfile(
             data={"n_cases": 40, "tumour_radius": [0.18, 0.32]},

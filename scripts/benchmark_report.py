@@ -118,7 +118,7 @@ def gap_table(rows: list[dict], bundle: str) -> str:
     lines = ["| labels | method | Dice | supervised at that ratio | supervised at 100 % | gap recovered |",
              "|---|---|---|---|---|---|"]
     for g in gap_recovered(rows, bundle):
-        rec = "n/a (no gap)" if not math.isfinite(g["recovered"]) else f"{100 * g['recovered']:.0f} %"
+        rec = "n/a (no gap)" if not math.isfinite(g["recovered"]) else f"{int(round(100 * g['recovered']))} %"
         lines.append(f"| {g['ratio']} % | {g['method']} | {g['method_dice']:.3f} | {g['supervised']:.3f} | "
                      f"{g['full']:.3f} | {rec} |")
     return "\n".join(lines)

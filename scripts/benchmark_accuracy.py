@@ -332,11 +332,11 @@ def run(
         number of runs that failed (their errors are printed; rerunning retries them).
     """
     bench = Benchmark(profile, Path(results_dir), Path(work_dir), threads)
-    todo = [r for r in bench.runs(list(bundles), list(suites), list(seeds)) if not bench.finished(r)
+    pending = [r for r in bench.runs(list(bundles), list(suites), list(seeds)) if not bench.finished(r)
             and r.ratio in ratios and (methods is None or r.method in methods)]
     for bundle in bundles:
         bench.data_dir(bundle)
-    print(f"{len(todo)} runs to do ({profile} profile, {workers} at a time)", flush=True)
+    print(f"{len(pending)} runs to do ({profile} profile, {workers} at a time)", flush=True)
     failed = 0
     start = time.time()
 
@@ -354,7 +354,7 @@ def run(
               f"({time.time() - t0:.0f} s)", flush=True)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(one, pending))
     print(f"done in {(time.time() - start) / 60:.1f} min, {failed} failed", flush=True)
     return failed
 

@@ -90,7 +90,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import importlib
 import json
 import math
 import multiprocessing
@@ -109,9 +108,9 @@ import fire
 import phantoms
 import torch
 from benchmark_accuracy import METHODS
+from bundle_imports import bundle_module, use_bundle
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
 DEFAULT_OUT_DIR = "docs/benchmarks/results/speed"
 SCAN_TOLERANCE = 1e-4
 VNET_CHANNELS = [16, 32, 64, 128, 256]
@@ -129,39 +128,6 @@ ITERATION_METHODS = {
 # ---------------------------------------------------------------------------------------------------------------
 # shared helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def use_bundle(bundle: str) -> Path:
-    """Make ``bundles/<bundle>/scripts`` the importable ``scripts`` package; returns the bundle root.
-
-    Both bundles ship a package named ``scripts``: this unloads another bundle's ``scripts`` modules and root from
-    ``sys.modules`` / ``sys.path`` and puts this bundle's root first on ``sys.path`` (as the configs' ``initialize``
-    does).
-    """
-    root = BUNDLES / bundle
-    loaded = sys.modules.get("scripts")
-    if loaded is None or Path(loaded.__file__).resolve().parent != (root / "scripts").resolve():
-        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
-            del sys.modules[name]
-        for other in BUNDLES.iterdir():
-            while str(other) in sys.path:
-                sys.path.remove(str(other))
-        sys.path.insert(0, str(root))
-    return root
-
-
-def bundle_module(bundle: str, module: str) -> Any:
-    """Import ``scripts.<module>`` of ``bundles/<bundle>`` (see :func:`use_bundle`).
-
-    Args:
-        bundle: bundle folder name, e.g. ``"cdugjl_liver"``.
-        module: module of the bundle's ``scripts`` package, e.g. ``"selective_scan"``.
-
-    Returns:
-        the imported module.
-    """
-    use_bundle(bundle)
-    return importlib.import_module(f"scripts.{module}")
 
 
 def bundle_config(bundle: str, configs: Sequence[str], **overrides: Any) -> Any:

@@ -9,7 +9,6 @@ Tests that import bundle code in-process must go through :func:`bundle_module`, 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ SCHEMA = Path(os.environ.get("MONAI_META_SCHEMA", REPO.parent / "shared" / "sche
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 
 sys.path.insert(0, str(REPO / "scripts"))
+from bundle_imports import bundle_module  # noqa: E402  (tests import it from conftest)
 
 
 def meta_schema() -> Path:
@@ -35,20 +35,6 @@ def meta_schema() -> Path:
     digest = hashlib.md5(SCHEMA.read_bytes()).hexdigest()
     assert digest == SCHEMA_MD5, f"{SCHEMA} has md5 {digest}, expected {SCHEMA_MD5}"
     return SCHEMA
-
-
-def bundle_module(bundle: str, module: str):
-    """Import ``scripts.<module>`` from ``bundles/<bundle>``, unloading another bundle's ``scripts`` first."""
-    root = BUNDLES / bundle
-    loaded = sys.modules.get("scripts")
-    if loaded is None or Path(loaded.__file__).resolve().parent != (root / "scripts").resolve():
-        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
-            del sys.modules[name]
-        for other in BUNDLES.iterdir():
-            while str(other) in sys.path:
-                sys.path.remove(str(other))
-        sys.path.insert(0, str(root))
-    return importlib.import_module(f"scripts.{module}")
 
 
 def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env: dict | None = None):

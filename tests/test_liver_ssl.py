@@ -3,6 +3,7 @@ ramps, the training loss and batch preparation, EMA, and the uncertainty-quality
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -358,22 +359,52 @@ def test_prepare_batch_concatenates_and_runs_teachers(trainer, consistency, capl
     stream = trainer.UnlabeledStream(_Records(2), batch_size=2, shuffle=False)
     prepare = trainer.SemiSupervisedPrepareBatch(stream, teacher, ema)
     labelled = {**_targets(3), "image": torch.randn(3, 2, 32, 32), "ce": torch.randn(3, 3, 32, 32)}
-    inputs, targets = prepare(labelled, "cpu")
+    inputs, targets, args, kwargs = prepare(labelled, "cpu")
     assert inputs.shape == (5, 2, 32, 32) and targets["num_labelled"] == 3
+    assert args == () and kwargs == {"num_labelled": 3}
     assert targets["teacher_rows"].tolist() == [0, 1, 2, 3, 4] and targets["teacher"]["alpha"].shape[0] == 5
     assert targets["ema"].shape == (2, 2, 32, 32) and "organs" in targets
     # labelled records without CE images (MONAI Label): teacher only on the unlabelled rows, noted once
     del labelled["ce"]
     with caplog.at_level("WARNING"):
-        inputs, targets = prepare(labelled, "cpu")
+        inputs, targets, *_ = prepare(labelled, "cpu")
         prepare(labelled, "cpu")
     assert targets["teacher_rows"].tolist() == [3, 4]
     assert sum("no 'ce'" in r.message for r in caplog.records) == 1
     # no unlabelled data, no teacher: the labelled batch alone
-    inputs, targets = trainer.SemiSupervisedPrepareBatch()(labelled, "cpu")
-    assert inputs.shape[0] == 3 and "teacher" not in targets and "ema" not in targets
+    inputs, targets, _, kwargs = trainer.SemiSupervisedPrepareBatch()(labelled, "cpu")
+    assert inputs.shape[0] == 3 and kwargs == {"num_labelled": 3} and "teacher" not in targets and "ema" not in targets
     disabled = bundle_module("cdugjl_liver", "distillation").FrozenTeacher(teacher, "absent.pt", enabled=False)
     assert trainer.SemiSupervisedPrepareBatch(teacher=disabled).teacher is None
+
+
+def test_labelled_unlabelled_inferer_keeps_strong_views_out_of_batch_norm(trainer):
+    torch.manual_seed(0)
+    student = _tiny_net(2).train()
+    norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    labelled, strong = torch.randn(3, 2, 32, 32), 3.0 + 2.0 * torch.randn(2, 2, 32, 32)
+    inferer = trainer.LabelledUnlabelledInferer()
+    reference = copy.deepcopy(student)
+    expected = reference(labelled)
+    outputs = inferer(torch.cat([labelled, strong]), student, num_labelled=3)
+    # labelled rows: as a labelled-only pass, whatever the strong views are
+    assert outputs["alpha"].shape[0] == 5 and len(outputs["features"]) == len(expected["features"])
+    torch.testing.assert_close(outputs["alpha"][:3], expected["alpha"])
+    torch.testing.assert_close(outputs["features"][2][:3], expected["features"][2])
+    # unlabelled rows: normalised with their own batch statistics
+    torch.testing.assert_close(outputs["alpha"][3:], copy.deepcopy(reference)(strong)["alpha"])
+    # running statistics: the labelled pass only; the layers track again afterwards
+    for mine, theirs in zip(norms, [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]):
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean)
+        torch.testing.assert_close(mine.running_var, theirs.running_var)
+        assert mine.track_running_stats and int(mine.num_batches_tracked) == 1
+    # the unlabelled pass is part of the graph
+    outputs["alpha"][3:].sum().backward()
+    assert all(p.grad is not None for p in student.stem.parameters())
+    # a batch without unlabelled rows is one ordinary pass
+    student.eval()
+    torch.testing.assert_close(inferer(labelled, student, num_labelled=3), student(labelled))
 
 
 def test_all_reduce_handler_is_a_no_op_without_process_group(trainer):

@@ -11,6 +11,9 @@ goes in and out of it:
   runs the frozen contrast-enhanced teacher on the CE phases and the EMA student on the weak view (no gradients),
   and gives the trainer the student's input ``cat([labelled image, unlabelled strong view])`` with those outputs
   as targets;
+* :class:`LabelledUnlabelledInferer` runs the student on the labelled and the unlabelled rows in two forward passes,
+  so the strong views never enter the batch-norm statistics of the labelled slices or the running statistics used
+  at inference;
 * :class:`SemiSupervisedLoss` splits the student's outputs again and adds the distillation
   (:mod:`scripts.distillation`) and consistency (:mod:`scripts.consistency`) terms to the supervised ones;
 * :class:`EpochAnnealingHandler` gives the loss the training progress (KL annealing, ramps),
@@ -21,7 +24,8 @@ goes in and out of it:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.inferers import Inferer
 
 from .consistency import UncertaintyConsistencyLoss, sigmoid_rampup, uncertainty_threshold
 from .distillation import (
@@ -47,6 +52,7 @@ from .networks import field_of_view_scale
 __all__ = [
     "AllReduceGradientsHandler",
     "EpochAnnealingHandler",
+    "LabelledUnlabelledInferer",
     "MultiTaskLoss",
     "MultiTaskPrepareBatch",
     "SemiSupervisedLoss",
@@ -318,9 +324,9 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 class SemiSupervisedPrepareBatch(MultiTaskPrepareBatch):
     """Labelled batch + unlabelled batch -> ``(student input, targets)`` for :class:`SemiSupervisedLoss`.
 
-    The student's input is ``cat([labelled image, unlabelled strong view])`` (``n_l + n_u`` slices, one forward
-    pass, shared batch statistics). Besides the targets of :class:`MultiTaskPrepareBatch` (for the first ``n_l``
-    rows; ``"organs"`` too when present), ``targets`` holds:
+    The student's input is ``cat([labelled image, unlabelled strong view])`` (``n_l + n_u`` slices), returned with
+    the inferer keyword ``num_labelled=n_l`` (see :class:`LabelledUnlabelledInferer`). Besides the targets of
+    :class:`MultiTaskPrepareBatch` (for the first ``n_l`` rows; ``"organs"`` too when present), ``targets`` holds:
 
     * ``"num_labelled"``: ``n_l``;
     * ``"teacher"``: the frozen teacher's ``forward_all`` outputs on the contrast-enhanced phases ``ce_key`` of the
@@ -375,7 +381,7 @@ class SemiSupervisedPrepareBatch(MultiTaskPrepareBatch):
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple, dict[str, int]]:
         image, targets = super().__call__(batchdata, device, non_blocking, **kwargs)
         num_labelled = image.shape[0]
         inputs, ce, rows = [_plain(image)], [], []
@@ -405,7 +411,61 @@ class SemiSupervisedPrepareBatch(MultiTaskPrepareBatch):
                 targets["teacher"] = self.teacher.forward_all(x)  # type: ignore[union-attr]
             targets["teacher_rows"] = torch.cat(rows).to(device=device)
         targets["num_labelled"] = num_labelled
-        return torch.cat(inputs), targets
+        return torch.cat(inputs), targets, (), {"num_labelled": num_labelled}
+
+
+@contextmanager
+def frozen_norm_statistics(network: nn.Module) -> Iterator[None]:
+    """Within the context, batch-norm layers of ``network`` in train mode normalise with the batch statistics but
+    leave their running statistics (and ``num_batches_tracked``) unchanged."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+class LabelledUnlabelledInferer(Inferer):
+    """Training inferer of :class:`SemiSupervisedPrepareBatch`'s input: the labelled rows ``[:num_labelled]`` and
+    the unlabelled strong views ``[num_labelled:]`` in two forward passes, outputs concatenated along the batch.
+
+    In a single pass the strongly augmented slices would share the batch-norm statistics of the clean labelled
+    ones and enter the running statistics used at inference; on the liver phantoms that alone (with no loss on the
+    unlabelled rows) takes the validation Dice of a 20 % label run from 0.37 to 0. Here the labelled pass normalises
+    and updates the running statistics as in supervised training, and the unlabelled pass normalises with its own
+    batch statistics under :func:`frozen_norm_statistics`.
+    """
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: nn.Module, *args: Any, num_labelled: int | None = None, **kwargs: Any
+    ) -> Any:
+        """
+        Args:
+            inputs: ``[n_l + n_u, C, H, W]``, labelled rows first.
+            network: the student (``forward_all`` dict in train mode).
+            num_labelled: ``n_l``; ``None`` or ``n_l == len(inputs)`` runs one pass.
+
+        Returns:
+            the network's outputs for all ``n_l + n_u`` rows, in input order.
+        """
+        if num_labelled is None or num_labelled >= inputs.shape[0]:
+            return network(inputs, *args, **kwargs)
+        labelled = network(inputs[:num_labelled], *args, **kwargs)
+        with frozen_norm_statistics(network):
+            unlabelled = network(inputs[num_labelled:], *args, **kwargs)
+        return _concat_rows(labelled, unlabelled)
+
+
+def _concat_rows(first: Any, second: Any) -> Any:
+    """Batch-wise concatenation of two network outputs (tensors, or dicts/lists of tensors of equal structure)."""
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, Mapping):
+        return {k: _concat_rows(v, second[k]) for k, v in first.items()}
+    return [_concat_rows(a, b) for a, b in zip(first, second)]
 
 
 def _select_rows(outputs: Mapping[str, Any], rows: slice | torch.Tensor) -> dict[str, Any]:

@@ -402,6 +402,10 @@ def test_labelled_unlabelled_inferer_keeps_strong_views_out_of_batch_norm(traine
     # the unlabelled pass is part of the graph
     outputs["alpha"][3:].sum().backward()
     assert all(p.grad is not None for p in student.stem.parameters())
+    # one shared pass: the strong views change the labelled rows
+    shared = trainer.LabelledUnlabelledInferer(separate_passes=False)(torch.cat([labelled, strong]), reference,
+                                                                     num_labelled=3)
+    assert not torch.allclose(shared["alpha"][:3], expected["alpha"])
     # a batch without unlabelled rows is one ordinary pass
     student.eval()
     torch.testing.assert_close(inferer(labelled, student, num_labelled=3), student(labelled))

@@ -437,7 +437,15 @@ class LabelledUnlabelledInferer(Inferer):
     unlabelled rows) takes the validation Dice of a 20 % label run from 0.37 to 0. Here the labelled pass normalises
     and updates the running statistics as in supervised training, and the unlabelled pass normalises with its own
     batch statistics under :func:`frozen_norm_statistics`.
+
+    Args:
+        separate_passes: ``False`` runs all rows in one pass with shared batch statistics (the ablation
+            ``one_pass_batch_norm`` of ``scripts/benchmark_accuracy.py``).
     """
+
+    def __init__(self, separate_passes: bool = True) -> None:
+        super().__init__()
+        self.separate_passes = separate_passes
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: nn.Module, *args: Any, num_labelled: int | None = None, **kwargs: Any
@@ -451,7 +459,7 @@ class LabelledUnlabelledInferer(Inferer):
         Returns:
             the network's outputs for all ``n_l + n_u`` rows, in input order.
         """
-        if num_labelled is None or num_labelled >= inputs.shape[0]:
+        if not self.separate_passes or num_labelled is None or num_labelled >= inputs.shape[0]:
             return network(inputs, *args, **kwargs)
         labelled = network(inputs[:num_labelled], *args, **kwargs)
         with frozen_norm_statistics(network):

@@ -580,7 +580,7 @@ def time_iterations(
 
     Returns:
         the raw times (``iteration_s``, ``step_s``, ``warmup_s``), and the labelled and unlabelled samples per
-        iteration (``labelled_batch``; ``unlabelled_batch``: the student's largest input batch minus it).
+        iteration (``labelled_batch``; ``unlabelled_batch``: the student's input rows per iteration minus it).
     """
     from monai.utils import set_determinism
 
@@ -608,13 +608,16 @@ def time_iterations(
     trainer = parser.get_parsed_content("train#trainer")
     timer = IterationTimer()
     timer.attach(trainer)
-    sizes = {"labelled": 0, "student": 0}
+    sizes = {"labelled": 0, "student": 0, "this_iteration": 0}
 
     def count_labelled(engine: Any) -> None:
         sizes["labelled"] = max(sizes["labelled"], int(engine.state.batch["image"].shape[0]))
+        sizes["this_iteration"] = 0
 
     def count_student(module: torch.nn.Module, args: tuple) -> None:
-        sizes["student"] = max(sizes["student"], int(args[0].shape[0]))
+        # the liver student runs labelled rows and strong views in two passes: add up the passes of an iteration
+        sizes["this_iteration"] += int(args[0].shape[0])
+        sizes["student"] = max(sizes["student"], sizes["this_iteration"])
 
     from ignite.engine import Events
 

@@ -137,6 +137,29 @@ def ablation_table(rows: list[dict], bundle: str) -> str:
     return "\n".join(lines)
 
 
+def runtime_table(runs: list[dict], workers: int = 2) -> str:
+    """Minutes the runs took (``seconds`` of each result file), per bundle and suite; a liver teacher is shared by the
+    runs of its (label ratio, seed) and counted once, in the first suite that used it."""
+    minutes: dict[tuple, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    teachers: set[tuple] = set()
+    for r in sorted(runs, key=lambda r: (r["bundle"], r["suite"] != "accuracy", r["ratio"], r["seed"])):
+        entry = minutes[(r["bundle"], r["suite"])]
+        entry[0] += 1
+        entry[1] += (r["seconds"]["train"] + r["seconds"]["evaluate"]) / 60
+        if "teacher" in r["seconds"] and (r["bundle"], r["ratio"], r["seed"]) not in teachers:
+            teachers.add((r["bundle"], r["ratio"], r["seed"]))
+            entry[2] += r["seconds"]["teacher"] / 60
+    lines = [f"| bundle | suite | runs | train + evaluate (min) | teachers (min) | total (min) | "
+             f"total / {workers} runs at a time (h) |", "|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for (bundle, suite), (n, run_min, teacher_min) in sorted(minutes.items()):
+        total += run_min + teacher_min
+        lines.append(f"| {bundle} | {suite} | {n} | {run_min:.0f} | {teacher_min:.0f} | {run_min + teacher_min:.0f} | "
+                     f"{(run_min + teacher_min) / workers / 60:.1f} |")
+    lines.append(f"| all | | {sum(v[0] for v in minutes.values())} | | | {total:.0f} | {total / workers / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def _speed(results: Path, name: str) -> dict | None:
     path = results / "speed" / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -238,7 +261,8 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         results: the results folder (``accuracy/<profile>/...`` and ``speed/*.json``).
     """
     results_dir = Path(results)
-    rows = summarise(load_runs(profile, results_dir))
+    runs = load_runs(profile, results_dir)
+    rows = summarise(runs)
     with open(results_dir / f"accuracy_{profile}_summary.csv", "w", newline="") as f:
         fields = sorted({k for r in rows for k in r if k != "dice_values"}, key=lambda k: (k not in (
             "bundle", "suite", "ratio", "method", "seeds"), k))
@@ -256,6 +280,7 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         text = replace_block(text, f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
         text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
         text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
+    text = replace_block(text, "runtime", head + "\n" + runtime_table(runs))
     for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table)):
         data = _speed(results_dir, name)
         if data is not None:

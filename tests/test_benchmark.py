@@ -51,6 +51,20 @@ def test_gap_recovered_and_missing_blocks():
         benchmark_report.replace_block("no markers", "x", "new")
 
 
+def test_runtime_table_counts_a_shared_teacher_once():
+    def run(suite, method, train, teacher=None):
+        seconds = {"train": train, "evaluate": 60, **({"teacher": teacher} if teacher else {})}
+        return {"bundle": "cdugjl_liver", "suite": suite, "ratio": 10, "seed": 0, "method": method, "seconds": seconds}
+
+    runs = [run("accuracy", "cdugjl", 540, 600), run("ablation", "no_feature", 240, 600),
+            run("accuracy", "supervised", 120)]
+    lines = benchmark_report.runtime_table(runs, workers=2).splitlines()
+    # accuracy: (9 + 1) + (2 + 1) minutes of runs and the 10-minute teacher; the ablation reuses that teacher
+    assert lines[2] == "| cdugjl_liver | ablation | 1 | 5 | 0 | 5 | 0.0 |"
+    assert lines[3] == "| cdugjl_liver | accuracy | 2 | 13 | 10 | 23 | 0.2 |"
+    assert lines[4] == "| all | | 3 | | | 28 | 0.2 |"
+
+
 @pytest.mark.integration
 def test_tiny_profile_runs_resumes_and_reports(tmp_path):
     results, work = tmp_path / "results", tmp_path / "work"

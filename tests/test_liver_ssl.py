@@ -180,31 +180,43 @@ def test_load_teacher(distillation, tmp_path):
 # ---------------------------------------------------------------------------------------------- consistency
 
 
-def test_sigmoid_rampup_and_threshold(consistency):
+def test_sigmoid_rampup_and_kept_fraction(consistency):
     assert consistency.sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
     assert consistency.sigmoid_rampup(10, 10) == 1.0 and consistency.sigmoid_rampup(25, 10) == 1.0
     assert consistency.sigmoid_rampup(3, 0) == 1.0
-    values = [consistency.uncertainty_threshold(t, 10) for t in range(12)]
+    values = [consistency.kept_fraction(t, 10) for t in range(12)]
     assert values == sorted(values)
     assert values[0] == pytest.approx(0.75 + 0.25 * math.exp(-5)) and values[-1] == pytest.approx(1.0)
-    assert consistency.uncertainty_threshold(10, 10, start=0.5, u_max=0.8) == pytest.approx(0.8)
+    assert consistency.kept_fraction(0, 10, start=0.5) == pytest.approx(0.5 + 0.5 * math.exp(-5))
+
+
+def test_uncertainty_mask_keeps_the_least_uncertain_fraction(consistency):
+    # every voxel has u = K / S < 0.5 (the case an absolute threshold ramped from 0.75 never masks): the mask
+    # still keeps exactly the requested fraction of the batch, the least uncertain voxels first
+    total_evidence = torch.arange(1.0, 17.0).reshape(2, 1, 2, 4) + 4.0  # S in 5..20, u = 2 / S in 0.1..0.4
+    teacher = torch.cat([0.7 * total_evidence, 0.3 * total_evidence], 1)
+    mask = consistency.uncertainty_mask(teacher, fraction=0.75)
+    assert mask.shape == (2, 1, 2, 4) and mask.sum().item() == 12
+    assert mask.flatten()[4:].tolist() == [1.0] * 12  # the 12 largest S, i.e. the lowest u
+    assert consistency.uncertainty_mask(teacher, fraction=1.0).sum().item() == 16
+    assert consistency.uncertainty_mask(teacher, fraction=1e-6).sum().item() == 1  # at least one voxel
+    # ties with the threshold are kept: 4 equal voxels, half requested
+    assert consistency.uncertainty_mask(torch.ones(1, 2, 2, 2), fraction=0.5).sum().item() == 4
 
 
 def test_consistency_mask_drops_uncertain_voxels(consistency):
-    # EMA teacher: voxel 0 confident (u = 2 / 22), voxel 1 uncertain (u = 2 / 2.5), both predicting class 0
-    teacher = torch.tensor([[20.0, 1.5], [2.0, 1.0]]).reshape(1, 2, 1, 2)
-    mask = consistency.uncertainty_mask(teacher, threshold=0.5)
-    assert mask.flatten().tolist() == [1.0, 0.0]
+    # EMA teacher: voxel 0 confident (u = 2 / 22), voxel 1 uncertain (u = 2 / 3), both predicting class 0
+    teacher = torch.tensor([[20.0, 2.0], [2.0, 1.0]]).reshape(1, 2, 1, 2)
+    assert consistency.uncertainty_mask(teacher, fraction=0.5).flatten().tolist() == [1.0, 0.0]
     student = torch.tensor([[20.0, 1.0], [2.0, 30.0]]).reshape(1, 2, 1, 2)  # agrees on voxel 0 only
-    masked = consistency.UncertaintyConsistencyLoss()(student, teacher, threshold=0.5)
+    masked = consistency.UncertaintyConsistencyLoss()(student, teacher, fraction=0.5)
     p_s, p_t = student / student.sum(1, keepdim=True), teacher / teacher.sum(1, keepdim=True)
     torch.testing.assert_close(masked, ((p_s - p_t) ** 2).mean(1)[0, 0, 0])
     assert masked.item() == pytest.approx(0.0, abs=1e-6)
     everything = consistency.UncertaintyConsistencyLoss(use_mask=False)(student, teacher)
     assert everything.item() > 0.1
-    # a threshold above every uncertainty keeps both voxels
-    assert consistency.UncertaintyConsistencyLoss()(student, teacher, threshold=1.0).item() > 0.1
-    assert consistency.UncertaintyConsistencyLoss()(student, teacher, threshold=0.01).item() == 0.0
+    # keeping every voxel equals the unmasked loss
+    torch.testing.assert_close(consistency.UncertaintyConsistencyLoss()(student, teacher, fraction=1.0), everything)
 
 
 def test_ema_network_and_handler(consistency):
@@ -313,13 +325,14 @@ def test_supervised_only_and_missing_inputs(trainer):
         trainer.SemiSupervisedLoss(attention_weight=1.0)
 
 
-def test_consistency_weight_and_threshold_ramp(trainer, distillation):
+def test_consistency_weight_and_mask_fraction_ramp(trainer, distillation):
     loss = _loss(trainer, distillation)
     loss.epoch_progress = 0.0
     start = loss.weights()["consistency"]
-    assert start == pytest.approx(0.1 * math.exp(-5)) and loss.threshold == pytest.approx(0.75 + 0.25 * math.exp(-5))
+    assert start == pytest.approx(0.1 * math.exp(-5))
+    assert loss.mask_fraction == pytest.approx(0.75 + 0.25 * math.exp(-5))
     loss.epoch_progress = 4.0
-    assert loss.weights()["consistency"] == pytest.approx(0.1) and loss.threshold == pytest.approx(1.0)
+    assert loss.weights()["consistency"] == pytest.approx(0.1) and loss.mask_fraction == pytest.approx(1.0)
 
 
 def test_epoch_annealing_handler_sets_progress(trainer, distillation):

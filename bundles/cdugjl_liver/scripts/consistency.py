@@ -3,10 +3,12 @@
 An exponential moving average (EMA) of the student (:func:`ema_network`, updated by :class:`EMAUpdateHandler`)
 predicts on a weakly augmented view of an unlabelled slice; the student predicts on a strongly augmented view of the
 same slice (the spatial transforms are shared, only the intensity transforms differ, so voxels correspond). The
-student's expected probabilities are pulled towards the EMA's only where the EMA's evidential uncertainty
-``u = K / S`` (vacuity of its Dirichlet, in ``(0, 1]``) is below a threshold that rises over training
-(:func:`uncertainty_threshold`), as UA-MT does with the entropy of Monte-Carlo dropout samples; the weight of the
-term ramps up with :func:`sigmoid_rampup`.
+student's expected probabilities are pulled towards the EMA's only on the EMA's least uncertain voxels, by its
+evidential uncertainty ``u = K / S`` (vacuity of its Dirichlet, in ``(0, 1]``). UA-MT (with the entropy of Monte-Carlo
+dropout samples) keeps the voxels below an absolute threshold that rises over training; the range of ``u`` depends on
+how much evidence the network has learnt to output, so here the ramp (:func:`kept_fraction`) sets the fraction of the
+batch's voxels that is kept instead (:func:`uncertainty_mask`). The weight of the term ramps up with
+:func:`sigmoid_rampup`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ __all__ = [
     "UncertaintyConsistencyLoss",
     "ema_network",
     "sigmoid_rampup",
+    "kept_fraction",
     "uncertainty_mask",
-    "uncertainty_threshold",
     "unwrap",
 ]
 
@@ -40,35 +42,43 @@ def sigmoid_rampup(current: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-def uncertainty_threshold(current: float, length: float, start: float = 0.75, u_max: float = 1.0) -> float:
-    """UA-MT's threshold ramp on the evidential uncertainty: ``(start + (1 - start) sigmoid_rampup) * u_max``.
+def kept_fraction(current: float, length: float, start: float = 0.75) -> float:
+    """UA-MT's threshold ramp, ``start + (1 - start) sigmoid_rampup(current, length)``, as a fraction of voxels kept.
 
-    UA-MT ramps an entropy threshold from ``0.75 ln 2`` to ``ln 2`` (its maximum for two classes); here the
-    uncertainty is ``u = K / S`` whose maximum is ``u_max = 1``, so the mask keeps only confident voxels early
-    (``u < 0.75``: total evidence above ``K / 3``) and, at the end of the ramp, every voxel with any evidence.
+    UA-MT ramps an entropy threshold from ``0.75 ln 2`` to ``ln 2`` (its maximum for two classes). An absolute
+    threshold on the evidential ``u = K / S`` can keep every voxel from the first iteration (a network that outputs
+    total evidence above ``K / 3`` everywhere has ``u < 0.75`` everywhere), so the ramp sets the fraction of voxels kept
+    instead: ``start`` at the beginning, every voxel at the end of the ramp.
     """
-    return (start + (1.0 - start) * sigmoid_rampup(current, length)) * u_max
+    return start + (1.0 - start) * sigmoid_rampup(current, length)
 
 
-def uncertainty_mask(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``[B, 1, *spatial]`` float mask of the voxels whose uncertainty ``K / S`` is below ``threshold``.
+def uncertainty_mask(alpha: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[B, 1, *spatial]`` float mask of the ``fraction`` of the batch's voxels with the lowest uncertainty ``K / S``.
+
+    The threshold is the ``ceil(fraction * N)``-th smallest uncertainty of the ``N`` voxels of the whole batch (one
+    threshold per batch, as UA-MT's); voxels tied with it are kept too.
 
     Args:
         alpha: ``[B, K, *spatial]`` Dirichlet concentrations.
-        threshold: the uncertainty threshold; voxels at or above it are dropped.
+        fraction: in ``(0, 1]``; ``1`` keeps every voxel.
     """
     uncertainty = alpha.shape[1] / alpha.sum(1, keepdim=True)
-    return (uncertainty < threshold).to(alpha.dtype)
+    if fraction >= 1.0:
+        return torch.ones_like(uncertainty)
+    k = max(1, math.ceil(fraction * uncertainty.numel()))
+    threshold = uncertainty.flatten().kthvalue(k).values
+    return (uncertainty <= threshold).to(alpha.dtype)
 
 
 class UncertaintyConsistencyLoss(nn.Module):
     """Masked mean squared difference of the expected probabilities of the student and the EMA teacher.
 
     ``sum_v m_v mean_k (p^s_vk - p^t_vk)^2 / sum_v m_v`` with ``p = alpha / S`` and ``m`` = :func:`uncertainty_mask`
-    of the EMA's concentrations (UA-MT's ``sum(mask * mse) / (2 sum(mask))`` for two classes); 0 when no voxel passes.
+    of the EMA's concentrations (UA-MT's ``sum(mask * mse) / (2 sum(mask))`` for two classes).
 
     Args:
-        use_mask: ``False`` gives plain mean-teacher consistency (every voxel, no threshold).
+        use_mask: ``False`` gives plain mean-teacher consistency (every voxel).
     """
 
     def __init__(self, use_mask: bool = True) -> None:
@@ -76,13 +86,13 @@ class UncertaintyConsistencyLoss(nn.Module):
         self.use_mask = use_mask
 
     def forward(
-        self, student_alpha: torch.Tensor, teacher_alpha: torch.Tensor, threshold: float = 1.0
+        self, student_alpha: torch.Tensor, teacher_alpha: torch.Tensor, fraction: float = 1.0
     ) -> torch.Tensor:
         """
         Args:
             student_alpha: ``[B, K, *spatial]`` concentrations of the student on the strong view.
             teacher_alpha: ``[B, K, *spatial]`` concentrations of the EMA teacher on the weak view (detached).
-            threshold: the current uncertainty threshold (:func:`uncertainty_threshold`).
+            fraction: the fraction of the least uncertain teacher voxels kept (:func:`kept_fraction`).
 
         Returns:
             a scalar.
@@ -93,8 +103,8 @@ class UncertaintyConsistencyLoss(nn.Module):
         squared = (p_s - p_t).pow(2).mean(1, keepdim=True)
         if not self.use_mask:
             return squared.mean()
-        mask = uncertainty_mask(teacher_alpha, threshold)
-        return (squared * mask).sum() / mask.sum().clamp_min(1.0)
+        mask = uncertainty_mask(teacher_alpha, fraction)
+        return (squared * mask).sum() / mask.sum()
 
 
 def unwrap(network: nn.Module) -> nn.Module:

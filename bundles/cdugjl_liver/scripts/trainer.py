@@ -37,7 +37,7 @@ from monai.data import DataLoader, MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.inferers import Inferer
 
-from .consistency import UncertaintyConsistencyLoss, sigmoid_rampup, uncertainty_threshold
+from .consistency import UncertaintyConsistencyLoss, kept_fraction, sigmoid_rampup
 from .distillation import (
     DirichletKLLoss,
     FeatureDistillationLoss,
@@ -499,7 +499,8 @@ class SemiSupervisedLoss(MultiTaskLoss):
       :func:`scripts.distillation.region_map`) and unlabelled rows (regions from the teacher's confident
       prediction, tumour vs. non-tumour: :func:`scripts.distillation.teacher_region_map`), then averaged;
     * ``consistency`` (unlabelled rows): :class:`scripts.consistency.UncertaintyConsistencyLoss` against the EMA
-      on the weak view, masked at ``uncertainty_threshold(epoch_progress, rampup_epochs, threshold_start)`` and
+      on the weak view, masked to the ``kept_fraction(epoch_progress, rampup_epochs, kept_fraction_start)`` least
+      uncertain voxels of the EMA and
       weighted by ``consistency_weight * sigmoid_rampup(epoch_progress, rampup_epochs)``.
 
     A weight of 0 removes its term (nothing is computed for it). Terms whose inputs are absent from a batch (no
@@ -515,8 +516,9 @@ class SemiSupervisedLoss(MultiTaskLoss):
         contrast_weight: weight of the region InfoNCE.
         distill_kl_weight: weight of the teacher-student Dirichlet KL.
         consistency_weight: final weight of the consistency term.
-        rampup_epochs: length of the consistency weight and threshold ramps, in epochs.
-        threshold_start: the uncertainty threshold at the start of the ramp (UA-MT: 0.75).
+        rampup_epochs: length of the consistency weight and kept-fraction ramps, in epochs.
+        kept_fraction_start: the fraction of voxels the consistency mask keeps at the start of the ramp (as UA-MT's
+            0.75 of the maximum entropy).
         region_max_uncertainty: teacher uncertainty below which unlabelled voxels get a region.
     """
 
@@ -536,7 +538,7 @@ class SemiSupervisedLoss(MultiTaskLoss):
         distill_kl_weight: float = 0.0,
         consistency_weight: float = 0.0,
         rampup_epochs: float = 0.0,
-        threshold_start: float = 0.75,
+        kept_fraction_start: float = 0.75,
         region_max_uncertainty: float = 0.5,
     ) -> None:
         super().__init__(seg_loss, quant_loss, seg_weight, quant_weight, edge_weight)
@@ -554,14 +556,14 @@ class SemiSupervisedLoss(MultiTaskLoss):
         self.distill_kl_weight = distill_kl_weight
         self.consistency_weight = consistency_weight
         self.rampup_epochs = rampup_epochs
-        self.threshold_start = threshold_start
+        self.kept_fraction_start = kept_fraction_start
         self.region_max_uncertainty = region_max_uncertainty
         self.epoch_progress = 0.0
 
     @property
-    def threshold(self) -> float:
-        """The current uncertainty threshold of the consistency mask."""
-        return uncertainty_threshold(self.epoch_progress, self.rampup_epochs, self.threshold_start)
+    def mask_fraction(self) -> float:
+        """The current fraction of voxels the consistency mask keeps."""
+        return kept_fraction(self.epoch_progress, self.rampup_epochs, self.kept_fraction_start)
 
     def weights(self) -> dict[str, float]:
         ramp = sigmoid_rampup(self.epoch_progress, self.rampup_epochs)
@@ -614,5 +616,5 @@ class SemiSupervisedLoss(MultiTaskLoss):
                 terms["contrast"] = self._contrast(student, teacher, rows, targets)
         ema = targets.get("ema")
         if ema is not None and self.consistency_weight:
-            terms["consistency"] = self.consistency(outputs["alpha"][num_labelled:], ema, self.threshold)
+            terms["consistency"] = self.consistency(outputs["alpha"][num_labelled:], ema, self.mask_fraction)
         return terms

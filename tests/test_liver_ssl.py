@@ -190,16 +190,18 @@ def test_sigmoid_rampup_and_kept_fraction(consistency):
     assert consistency.kept_fraction(0, 10, start=0.5) == pytest.approx(0.5 + 0.5 * math.exp(-5))
 
 
-def test_uncertainty_mask_keeps_the_least_uncertain_fraction(consistency):
-    # every voxel has u = K / S < 0.5 (the case an absolute threshold ramped from 0.75 never masks): the mask
-    # still keeps exactly the requested fraction of the batch, the least uncertain voxels first
-    total_evidence = torch.arange(1.0, 17.0).reshape(2, 1, 2, 4) + 4.0  # S in 5..20, u = 2 / S in 0.1..0.4
-    teacher = torch.cat([0.7 * total_evidence, 0.3 * total_evidence], 1)
+def test_uncertainty_mask_keeps_the_least_uncertain_fraction_of_each_class(consistency):
+    # every voxel has u = K / S < 0.5 (the case an absolute threshold ramped from 0.75 never masks); the tumour
+    # voxels (class 1, the last 4) have less evidence than any background voxel
+    total_evidence = torch.tensor([12.0, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 5, 6, 7, 8]).reshape(2, 1, 2, 4)
+    share = torch.tensor([0.7] * 12 + [0.3] * 4).reshape(2, 1, 2, 4)
+    teacher = torch.cat([share * total_evidence, (1 - share) * total_evidence], 1)
     mask = consistency.uncertainty_mask(teacher, fraction=0.75)
-    assert mask.shape == (2, 1, 2, 4) and mask.sum().item() == 12
-    assert mask.flatten()[4:].tolist() == [1.0] * 12  # the 12 largest S, i.e. the lowest u
+    assert mask.shape == (2, 1, 2, 4)
+    # 9 of the 12 background voxels (the most evidence) and 3 of the 4 tumour voxels, not the 12 lowest u overall
+    assert mask.flatten().tolist() == [0.0] * 3 + [1.0] * 9 + [0.0] + [1.0] * 3
     assert consistency.uncertainty_mask(teacher, fraction=1.0).sum().item() == 16
-    assert consistency.uncertainty_mask(teacher, fraction=1e-6).sum().item() == 1  # at least one voxel
+    assert consistency.uncertainty_mask(teacher, fraction=1e-6).sum().item() == 2  # at least one voxel per class
     # ties with the threshold are kept: 4 equal voxels, half requested
     assert consistency.uncertainty_mask(torch.ones(1, 2, 2, 2), fraction=0.5).sum().item() == 4
 

@@ -7,7 +7,7 @@ student's expected probabilities are pulled towards the EMA's only on the EMA's 
 evidential uncertainty ``u = K / S`` (vacuity of its Dirichlet, in ``(0, 1]``). UA-MT (with the entropy of Monte-Carlo
 dropout samples) keeps the voxels below an absolute threshold that rises over training; the range of ``u`` depends on
 how much evidence the network has learnt to output, so here the ramp (:func:`kept_fraction`) sets the fraction of the
-batch's voxels that is kept instead (:func:`uncertainty_mask`). The weight of the term ramps up with
+voxels of each predicted class that is kept instead (:func:`uncertainty_mask`). The weight of the term ramps up with
 :func:`sigmoid_rampup`.
 """
 
@@ -54,10 +54,12 @@ def kept_fraction(current: float, length: float, start: float = 0.75) -> float:
 
 
 def uncertainty_mask(alpha: torch.Tensor, fraction: float) -> torch.Tensor:
-    """``[B, 1, *spatial]`` float mask of the ``fraction`` of the batch's voxels with the lowest uncertainty ``K / S``.
+    """``[B, 1, *spatial]`` float mask of the least uncertain voxels of the batch, ``fraction`` of each predicted class.
 
-    The threshold is the ``ceil(fraction * N)``-th smallest uncertainty of the ``N`` voxels of the whole batch (one
-    threshold per batch, as UA-MT's); voxels tied with it are kept too.
+    The voxels are grouped by the class of their largest concentration; in a group of ``N`` voxels those whose
+    uncertainty ``K / S`` is at most the ``ceil(fraction * N)``-th smallest are kept (ties included). One fraction
+    per class rather than one threshold for the batch: a minority class with less evidence (the tumour) would
+    otherwise be dropped first, and the consistency would then pull mainly towards the background.
 
     Args:
         alpha: ``[B, K, *spatial]`` Dirichlet concentrations.
@@ -66,9 +68,14 @@ def uncertainty_mask(alpha: torch.Tensor, fraction: float) -> torch.Tensor:
     uncertainty = alpha.shape[1] / alpha.sum(1, keepdim=True)
     if fraction >= 1.0:
         return torch.ones_like(uncertainty)
-    k = max(1, math.ceil(fraction * uncertainty.numel()))
-    threshold = uncertainty.flatten().kthvalue(k).values
-    return (uncertainty <= threshold).to(alpha.dtype)
+    predicted = alpha.argmax(1, keepdim=True)
+    mask = torch.zeros_like(uncertainty, dtype=torch.bool)
+    for label in predicted.unique():
+        in_class = predicted == label
+        values = uncertainty[in_class]
+        threshold = values.kthvalue(max(1, math.ceil(fraction * values.numel()))).values
+        mask |= in_class & (uncertainty <= threshold)
+    return mask.to(alpha.dtype)
 
 
 class UncertaintyConsistencyLoss(nn.Module):

@@ -24,8 +24,8 @@ __all__ = [
     "EMAUpdateHandler",
     "UncertaintyConsistencyLoss",
     "ema_network",
-    "sigmoid_rampup",
     "kept_fraction",
+    "sigmoid_rampup",
     "uncertainty_mask",
     "unwrap",
 ]

@@ -500,8 +500,8 @@ class SemiSupervisedLoss(MultiTaskLoss):
       prediction, tumour vs. non-tumour: :func:`scripts.distillation.teacher_region_map`), then averaged;
     * ``consistency`` (unlabelled rows): :class:`scripts.consistency.UncertaintyConsistencyLoss` against the EMA
       on the weak view, masked to the ``kept_fraction(epoch_progress, rampup_epochs, kept_fraction_start)`` least
-      uncertain voxels of the EMA and
-      weighted by ``consistency_weight * sigmoid_rampup(epoch_progress, rampup_epochs)``.
+      uncertain voxels of each class the EMA predicts, and weighted by
+      ``consistency_weight * sigmoid_rampup(epoch_progress, rampup_epochs)``.
 
     A weight of 0 removes its term (nothing is computed for it). Terms whose inputs are absent from a batch (no
     teacher, no unlabelled data) are left out of that batch.

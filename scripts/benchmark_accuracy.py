@@ -109,15 +109,14 @@ PROFILES = {
         "cdugjl_liver": BundleProfile(
             data={"n_cases": 40},
             overlays=("cpu_demo.json",),
-            train={"channels": [8, 16, 32, 64, 128], "pixdim": [2.0, 2.0], "roi_size": [48, 48], "epochs": 30,
-                   "epoch_length": 20, "val_interval": 30, "checkpoint_interval": 10},
+            train={"epochs": 30, "epoch_length": 20, "val_interval": 30, "checkpoint_interval": 10},
         ),
         "ceds_mediastinum": BundleProfile(
-            data={"n_cases": 40, "tumour_radius": [0.18, 0.32]},
+            data={"n_cases": 40},
             overlays=("cpu_demo.json",),
             train={"pixdim": [1.5, 1.5, 2.0], "learning_rate": 0.03, "min_learning_rate": 0.003, "epochs": 15,
-                   "epoch_length": 20, "val_interval": 15, "warmup_epochs": 5, "confidence_interval": 5,
-                   "confidence_epochs": 1, "checkpoint_interval": 5},
+                   "epoch_length": 20, "val_interval": 15, "warmup": 1 / 3, "confidence_interval": 1 / 3,
+                   "confidence_length": 1 / 15, "checkpoint_interval": 5},
         ),
     },
     # a smoke test of the whole pipeline (tests/test_benchmark.py), seconds per run; its numbers mean nothing
@@ -132,14 +131,13 @@ PROFILES = {
             data={"n_cases": 10, "size": 48, "n_slices": 32},
             overlays=("cpu_demo.json",),
             train={"channels": [2, 4, 8, 16, 32], "patch_size": [16, 16, 16], "epochs": 2, "epoch_length": 2,
-                   "val_interval": 2, "warmup_epochs": 1, "confidence_interval": 2, "confidence_epochs": 1},
+                   "val_interval": 2, "warmup": 0.5, "confidence_interval": 0.5, "confidence_length": 0.5},
         ),
     },
     "gpu": {
         "cdugjl_liver": BundleProfile(data={"n_cases": 120, "size": 256, "n_slices": 32}, train={"epochs": 300}),
         "ceds_mediastinum": BundleProfile(
-            data={"n_cases": 120, "size": 192, "n_slices": 128}, train={"epochs": 3000, "warmup_epochs": 150,
-                                                                     "confidence_interval": 375}),
+            data={"n_cases": 120, "size": 192, "n_slices": 128}, train={"epochs": 3000, "confidence_length": 5 / 3000}),
     },
 }
 

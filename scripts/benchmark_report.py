@@ -24,6 +24,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import case_figure
 import fire
 import numpy as np
 
@@ -294,12 +295,6 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
     print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
 
 
-def _slice_with_most(label: np.ndarray) -> int:
-    """Index of the last-axis slice of ``label`` with the most foreground (the middle one if there is none)."""
-    area = label.reshape(-1, label.shape[-1]).sum(0)
-    return int(area.argmax()) if area.max() > 0 else label.shape[-1] // 2
-
-
 def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 0,
            work_dir: str = str(REPO / "outputs" / "benchmarks"), out: str = str(BENCH)) -> Path:
     """Predict ``n_cases`` test cases with each bundle's own method and draw them side by side.
@@ -315,10 +310,6 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 
     Returns:
         path of the PNG.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import nibabel as nib
 
     import benchmark_accuracy as ba
@@ -346,26 +337,10 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 
         for record, case in zip(records, test):
             image_file = record["image"][0] if isinstance(record["image"], list) else record["image"]
             name = case.get("case", Path(image_file).name.split(".")[0])  # outputs are named by case
-            image = nib.load(image_file).get_fdata()
-            label = nib.load(record["label"]).get_fdata()
-            pred = nib.load(next(pred_dir.rglob(f"{name}*_seg.nii.gz"))).get_fdata()
-            extra = nib.load(next(pred_dir.rglob(f"{name}*_{second}.nii.gz"))).get_fdata()
-            z = _slice_with_most(label)
-            panels.append((f"{bundle}\n{name}, slice {z}", image[..., z], label[..., z],
-                           pred.reshape(label.shape)[..., z], extra.reshape(label.shape)[..., z], second))
-    fig, axes = plt.subplots(len(panels), 4, figsize=(11, 2.8 * len(panels)), squeeze=False)
-    for row, (title, image, label, pred, extra, second) in zip(axes, panels):
-        for ax, img, name in zip(row, (image, label, pred, extra), ("image", "ground truth", "prediction", second)):
-            ax.imshow(np.rot90(img), cmap="gray" if name == "image" else "viridis",
-                      vmin=None if name in ("image", second) else 0, vmax=None if name in ("image", second) else 1)
-            ax.set_title(name, fontsize=9)
-            ax.axis("off")
-        row[0].text(-0.05, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
-    fig.tight_layout()
-    path = Path(out) / f"test_cases_{profile}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            panels.append(case_figure.case_panel(
+                f"{bundle}\n{name}", image_file, record["label"], next(pred_dir.rglob(f"{name}*_seg.nii.gz")),
+                next(pred_dir.rglob(f"{name}*_{second}.nii.gz")), second))
+    path = case_figure.draw(panels, Path(out) / f"test_cases_{profile}.png")
     print(f"-> {path}")
     return path
 

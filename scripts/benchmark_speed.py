@@ -15,7 +15,7 @@ short table:
   ``monai.bundle.ConfigParser``) on phantom data (``scripts/phantoms.py``): the ``train#trainer`` engine runs one
   epoch of ``warmup + iterations`` iterations and every iteration is timed with ignite events; the first
   ``warmup`` are discarded. ``ceds_mediastinum``: ``supervised``, ``mean_teacher`` and ``ceds`` (the latter two in
-  their semi-supervised phase: ``warmup_epochs 0``, ``confidence_interval 0``). ``cdugjl_liver``: ``supervised``
+  their semi-supervised phase: ``warmup 0``, ``confidence_interval 0``). ``cdugjl_liver``: ``supervised``
   (every SSL weight 0), ``mean_teacher`` (distillation weights 0, ``uncertainty_mask false``) and ``cdugjl``
   (the config's defaults, with a randomly initialised frozen teacher saved to ``teacher_ckpt``).
 - ``inference``: full-volume inference of each bundle's network against a MONAI baseline under the same
@@ -116,7 +116,7 @@ SCAN_TOLERANCE = 1e-4
 VNET_CHANNELS = [16, 32, 64, 128, 256]
 """The fixed widths of ``monai.networks.nets.VNet`` (recorded in the inference rows)."""
 # the benchmark's methods (benchmark_accuracy.METHODS); CEDS's semi-supervised methods in their semi-supervised phase
-_SEMI_PHASE = {"warmup_epochs": 0, "confidence_interval": 0}
+_SEMI_PHASE = {"warmup": 0, "confidence_interval": 0}
 ITERATION_METHODS = {
     bundle: {m: {**o, **(_SEMI_PHASE if bundle == "ceds_mediastinum" and m != "supervised" else {})}
              for m, o in methods.items()}
@@ -550,37 +550,34 @@ def phantom_datalists(data_dir: str, n_cases: int = 8, label_ratio: float = 0.5)
     return paths
 
 
-def time_iterations(
+def build_trainer(
     bundle: str,
     method: str,
     datalist: str,
     work_dir: str,
-    iterations: int,
-    warmup: int,
+    epoch_length: int,
     seed: int = 0,
     device: str | None = None,
     overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run ``train#trainer`` of ``train.json`` + ``cpu_demo.json`` for one epoch and time its iterations.
+) -> Any:
+    """``train#trainer`` of ``train.json`` + ``cpu_demo.json`` for one epoch of ``epoch_length`` iterations.
 
     The method's overrides (:data:`ITERATION_METHODS`) are applied, checkpoints and logs go to ``work_dir``,
-    validation is pushed beyond the run, and the ``initialize`` section is replaced by its essentials (bundle
-    ``scripts`` importable, ``set_determinism``; no checkpoint saver).
+    validation is pushed beyond the run, and a method with a frozen teacher gets a randomly initialised one saved
+    to ``teacher_ckpt``.
 
     Args:
         bundle: bundle folder name.
         method: a key of ``ITERATION_METHODS[bundle]``.
         datalist: the datalist (with "training" and "unlabeled" splits).
         work_dir: folder for checkpoints, logs and the random teacher.
-        iterations: timed iterations.
-        warmup: untimed iterations first.
+        epoch_length: iterations of the epoch.
         seed: determinism seed.
         device: the configs' ``device`` (default: theirs).
         overrides: further config overrides, applied before the method's (e.g. ``{"roi_size": [32, 32]}``).
 
     Returns:
-        the raw times (``iteration_s``, ``step_s``, ``warmup_s``), and the labelled and unlabelled samples per
-        iteration (``labelled_batch``; ``unlabelled_batch``: the student's input rows per iteration minus it).
+        the ignite engine, not yet run.
     """
     from monai.utils import set_determinism
 
@@ -593,7 +590,7 @@ def time_iterations(
         "val_interval": 10**6,
         "num_workers": 0,
         "train#trainer#max_epochs": 1,
-        "train#trainer#epoch_length": warmup + iterations,
+        "train#trainer#epoch_length": epoch_length,
         **(overrides or {}),
         **ITERATION_METHODS[bundle][method],
     }
@@ -605,7 +602,32 @@ def time_iterations(
         teacher_ckpt = Path(parser.get_parsed_content("teacher_ckpt"))
         teacher_ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save(parser.get_parsed_content("teacher_def").state_dict(), teacher_ckpt)
-    trainer = parser.get_parsed_content("train#trainer")
+    return parser.get_parsed_content("train#trainer")
+
+
+def time_iterations(
+    bundle: str,
+    method: str,
+    datalist: str,
+    work_dir: str,
+    iterations: int,
+    warmup: int,
+    seed: int = 0,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one epoch of :func:`build_trainer` and time its iterations.
+
+    Args:
+        bundle, method, datalist, work_dir, seed, device, overrides: as :func:`build_trainer`.
+        iterations: timed iterations.
+        warmup: untimed iterations first.
+
+    Returns:
+        the raw times (``iteration_s``, ``step_s``, ``warmup_s``), and the labelled and unlabelled samples per
+        iteration (``labelled_batch``; ``unlabelled_batch``: the student's input rows per iteration minus it).
+    """
+    trainer = build_trainer(bundle, method, datalist, work_dir, warmup + iterations, seed, device, overrides)
     timer = IterationTimer()
     timer.attach(trainer)
     sizes = {"labelled": 0, "student": 0, "this_iteration": 0}
@@ -706,6 +728,175 @@ def iteration(
     print_table("training iteration (ratio: method / supervised; target <= 2.5)", rows,
                 ["bundle", "method", "iteration_s", "ratio", "step_s", "step_ratio", "iteration_min_s", "min_ratio",
                  "labelled_batch", "unlabelled_batch"])
+    print(f"-> {path}")
+    return path
+
+
+class IterationProfiler:
+    """Splits each training iteration of an ignite engine into phases, with ignite and forward-hook events.
+
+    Phases (seconds per iteration): ``data`` (``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``: the labelled batch
+    from the data loader), ``prepare`` (``ITERATION_STARTED`` -> the student's first forward: moving the batch,
+    unlabelled batches, the frozen teacher and EMA passes run in batch preparation), ``forward`` (the student's
+    forward passes), ``between`` (after the last student forward until ``FORWARD_COMPLETED``: teacher/EMA passes
+    run by the trainer), ``loss`` (-> ``LOSS_COMPLETED``), ``backward`` (-> ``BACKWARD_COMPLETED``),
+    ``optimiser`` (-> ``MODEL_COMPLETED``: optimiser and scheduler steps) and ``handlers`` (-> ``ITERATION_COMPLETED``:
+    EMA updates and the other handlers attached before the profiler).
+    """
+
+    PHASES = ("data", "prepare", "forward", "between", "loss", "backward", "optimiser", "handlers")
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {p: [] for p in self.PHASES}
+        self._marks: dict[str, float] = {}
+        self._forward = 0.0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+        from monai.engines.utils import IterationEvents
+
+        for event, mark in ((Events.GET_BATCH_STARTED, "fetch"), (Events.GET_BATCH_COMPLETED, "fetched"),
+                            (Events.ITERATION_STARTED, "start"), (IterationEvents.FORWARD_COMPLETED, "forward_done"),
+                            (IterationEvents.LOSS_COMPLETED, "loss_done"),
+                            (IterationEvents.BACKWARD_COMPLETED, "backward_done"),
+                            (IterationEvents.MODEL_COMPLETED, "model_done")):
+            engine.add_event_handler(event, self._mark, mark)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
+        engine.network.register_forward_pre_hook(self._forward_started)
+        engine.network.register_forward_hook(self._forward_ended)
+
+    def _mark(self, engine: Any, name: str) -> None:
+        self._marks[name] = time.perf_counter()
+        if name == "start":
+            self._forward = 0.0
+            self._marks.pop("first_forward", None)
+
+    def _forward_started(self, module: torch.nn.Module, args: tuple) -> None:
+        now = time.perf_counter()
+        self._marks.setdefault("first_forward", now)
+        self._marks["forward_start"] = now
+
+    def _forward_ended(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        now = time.perf_counter()
+        self._forward += now - self._marks["forward_start"]
+        self._marks["last_forward"] = now
+
+    def _completed(self, engine: Any) -> None:
+        m, end = self._marks, time.perf_counter()
+        self.times["data"].append(m["fetched"] - m["fetch"])
+        self.times["prepare"].append(m["first_forward"] - m["start"])
+        self.times["forward"].append(self._forward)
+        self.times["between"].append(m["forward_done"] - m["last_forward"])
+        self.times["loss"].append(m["loss_done"] - m["forward_done"])
+        self.times["backward"].append(m["backward_done"] - m["loss_done"])
+        self.times["optimiser"].append(m["model_done"] - m["backward_done"])
+        self.times["handlers"].append(end - m["model_done"])
+
+
+def network_forward_backward(network: torch.nn.Module, image: torch.Tensor, repeats: int) -> list[float]:
+    """Times of the network's own forward + backward on ``image`` (train mode; the sum of every float output).
+
+    Args:
+        network: the student (a DDP wrapper is not expected).
+        image: an input batch, e.g. the trainer's last labelled batch.
+        repeats: timed repeats (after one untimed).
+
+    Returns:
+        the wall time of each repeat in seconds.
+    """
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    network.train()
+
+    def outputs(value: Any) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value] if value.is_floating_point() and value.requires_grad else []
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+        return [t for v in items for t in outputs(v)]
+
+    times = []
+    for i in range(repeats + 1):
+        network.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        sum(t.float().sum() for t in outputs(network(image))).backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    network.zero_grad(set_to_none=True)
+    return times
+
+
+def profile(
+    bundles: Sequence[str] = ("ceds_mediastinum", "cdugjl_liver"),
+    methods: Sequence[str] = ("supervised",),
+    iterations: int = 20,
+    warmup: int = 3,
+    data_dir: str | None = None,
+    datalists: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    threads: int | None = 1,
+    out_dir: str = DEFAULT_OUT_DIR,
+    tag: str = "",
+) -> str:
+    """Where a training iteration's time goes, against the network's own forward + backward on the same batch.
+
+    Each (bundle, method) runs :func:`build_trainer` for ``warmup + iterations`` iterations under an
+    :class:`IterationProfiler`; then the student's forward + backward alone is timed ``iterations`` times on the
+    last labelled batch (:func:`network_forward_backward`). Rows hold the median of every phase, ``step_s`` (the
+    median of the iterations' sums, data included), ``network_s`` (the network's own median), the data share
+    ``data_share = data / step`` (target <= 0.2) and ``step_ratio = step_s / network_s`` (target <= 2 for
+    ``supervised``).
+
+    Args:
+        bundles: the bundles to profile.
+        methods: keys of :data:`ITERATION_METHODS`.
+        iterations: profiled iterations (and network repeats).
+        warmup: iterations first, not counted.
+        data_dir: where the phantom datasets are written or found (default: a temporary folder).
+        datalists: ``{bundle: datalist path}`` to use instead of phantoms.
+        overrides: ``{bundle: {config id: value}}`` for ``train.json`` + ``cpu_demo.json``.
+        seed: determinism seed.
+        threads: ``torch.set_num_threads`` (default 1: comparable whatever else runs on the machine).
+        out_dir: folder of the JSON result.
+        tag: suffix of the file name.
+
+    Returns:
+        the path of the JSON result (``profile[_<tag>].json``).
+    """
+    from ignite.engine import Events
+
+    _set_threads(threads)
+    settings = {k: v for k, v in locals().items() if k not in ("out_dir", "tag", "Events")}
+    settings.update(bundles=list(bundles), methods=list(methods))
+    env = environment()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = dict(datalists or {})
+        if any(b not in paths for b in bundles):
+            paths = {**phantom_datalists(data_dir or str(Path(tmp) / "data")), **paths}
+        settings["datalists"] = {b: str(paths[b]) for b in bundles}
+        for bundle in bundles:
+            for method in methods:
+                trainer = build_trainer(bundle, method, paths[bundle], tmp, warmup + iterations, seed,
+                                        overrides=(overrides or {}).get(bundle))
+                profiler = IterationProfiler()
+                profiler.attach(trainer)
+                last: dict[str, torch.Tensor] = {}
+                trainer.add_event_handler(Events.GET_BATCH_COMPLETED, lambda e: last.update(image=e.state.batch["image"]))
+                trainer.run()
+                phases = {p: _median(t[warmup:]) for p, t in profiler.times.items()}
+                steps = [sum(t[i] for t in profiler.times.values()) for i in range(warmup, warmup + iterations)]
+                network_s = _median(network_forward_backward(trainer.network, last["image"], iterations))
+                step_s = _median(steps)
+                rows.append({
+                    "bundle": bundle, "method": method, "batch_shape": list(last["image"].shape),
+                    **{f"{p}_s": v for p, v in phases.items()}, "step_s": step_s, "network_s": network_s,
+                    "data_share": _ratio(phases["data"], step_s), "step_ratio": _ratio(step_s, network_s),
+                    "phase_times_s": {p: t[warmup:] for p, t in profiler.times.items()},
+                })
+    path = write_result("profile", rows, settings, out_dir, tag, env)
+    print_table("training-iteration profile (targets: data_share <= 0.2; supervised step_ratio <= 2)", rows,
+                ["bundle", "method", *[f"{p}_s" for p in IterationProfiler.PHASES], "step_s", "network_s",
+                 "data_share", "step_ratio"])
     print(f"-> {path}")
     return path
 
@@ -956,4 +1147,4 @@ def run_all(out_dir: str = DEFAULT_OUT_DIR, tag: str = "", threads: int | None =
 
 
 if __name__ == "__main__":
-    fire.Fire({"scan": scan, "iteration": iteration, "inference": inference, "all": run_all})
+    fire.Fire({"scan": scan, "iteration": iteration, "profile": profile, "inference": inference, "all": run_all})

@@ -11,6 +11,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 
 import fire
+import numpy as np
 
+import case_figure
 import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +57,23 @@ class _Runner:
 
 
 def _held_out_case(datalist: Path) -> dict:
-    """The first case of the datalist's test split."""
-    return json.loads(datalist.read_text())["test"][0]
+    """The first case of the datalist's test split that holds a tumour (the first case if none does)."""
+    import nibabel as nib
+
+    test = json.loads(datalist.read_text())["test"]
+    return next((r for r in test if np.asarray(nib.load(datalist.parent / r["label"]).dataobj).any()), test[0])
+
+
+def _figure(bundle: str, case: dict, data_dir: Path, inference_dir: Path, out_dir: Path) -> Path:
+    """``<out_dir>/<bundle>.png``: the held-out case's image, ground truth, prediction and uncertainty/confidence."""
+    second = "uncertainty" if bundle == "cdugjl_liver" else "confidence"
+    image = _abs(case, data_dir, "image")
+    name = case["case"]
+    panel = case_figure.case_panel(
+        f"{bundle}\n{name}", image[0] if isinstance(image, list) else image, data_dir / case["label"],
+        next(inference_dir.rglob(f"{name}*_seg.nii.gz")), next(inference_dir.rglob(f"{name}*_{second}.nii.gz")),
+        second)
+    return case_figure.draw([panel], out_dir / f"{bundle}.png")
 
 
 def _abs(record: dict, base: Path, key: str) -> str | list[str]:
@@ -73,7 +91,9 @@ def ceds(out_dir: Path, data_dir: Path, **train: object) -> dict:
     case = _held_out_case(datalist)
     data = [{"image": _abs(case, data_dir, "image")}]
     r.run("inference", ["inference.json"], data=repr(data), output_dir=out_dir / "inference", **common)
-    return {"checkpoint": out_dir / "models", "metrics": out_dir / "evaluate", "inference": out_dir / "inference"}
+    figure = _figure(r.bundle, case, data_dir, out_dir / "inference", out_dir.parent / "figures")
+    return {"checkpoint": out_dir / "models", "metrics": out_dir / "evaluate", "inference": out_dir / "inference",
+            "figure": figure}
 
 
 def liver(out_dir: Path, data_dir: Path, **train: object) -> dict:
@@ -87,7 +107,9 @@ def liver(out_dir: Path, data_dir: Path, **train: object) -> dict:
     case = _held_out_case(datalist)
     data = [{"image": _abs(case, data_dir, "image")}]
     r.run("inference", ["inference.json"], data=repr(data), output_dir=out_dir / "inference", **common)
-    return {"checkpoint": out_dir / "models", "metrics": out_dir / "evaluate", "inference": out_dir / "inference"}
+    figure = _figure(r.bundle, case, data_dir, out_dir / "inference", out_dir.parent / "figures")
+    return {"checkpoint": out_dir / "models", "metrics": out_dir / "evaluate", "inference": out_dir / "inference",
+            "figure": figure}
 
 
 def main(
@@ -125,19 +147,35 @@ def main(
     report(summary)
 
 
+def format_metric(name: str, value: float) -> str:
+    """``name=value`` with 3 significant digits, or words where the value is missing (NaN or infinite)."""
+    if math.isfinite(value):
+        return f"{name}={value:.3g}"
+    if any(k in name for k in ("hd95", "asd", "mae", "centre", "area")):
+        return f"{name}=n/a: no tumour predicted"
+    return f"{name}=n/a: undefined on these cases"
+
+
 def report(summary: dict[str, dict[str, Path]]) -> None:
-    """Print, per bundle, where the checkpoints, metrics and predictions are, and the test-split metric means."""
+    """Print, per bundle, where the checkpoints, metrics, predictions and figure are, and the test-split means."""
     for bundle, paths in summary.items():
         print(f"\n{bundle}:")
         for what, path in paths.items():
+            if Path(path).is_file():
+                print(f"  {what:<11} {path}")
+                continue
             files = sorted(p for p in Path(path).rglob("*") if p.is_file())
             print(f"  {what:<11} {path}  ({len(files)} files)")
             for f in files[:6] if what != "metrics" else [f for f in files if f.name in ("metrics.csv", "per_case.csv")]:
                 print(f"      {f.relative_to(path)}")
         means = Path(paths["metrics"]) / "metrics.csv"
         if means.exists():
-            print("  test-split means: " + ", ".join(
-                f"{name}={float(value):.3g}" for name, value in (line.split(",") for line in means.read_text().split())))
+            rows = (line.split(",") for line in means.read_text().split())
+            print("  test-split means: " + ", ".join(format_metric(name, float(value)) for name, value in rows))
+    figures = [str(paths["figure"]) for paths in summary.values() if "figure" in paths]
+    if figures:
+        print("\nOpen " + " and ".join(figures) + " to see each model on a held-out case.")
+
 
 if __name__ == "__main__":
     fire.Fire(main)

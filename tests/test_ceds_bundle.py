@@ -21,9 +21,12 @@ from conftest import BUNDLES, meta_schema, run_cmd
 
 BUNDLE = BUNDLES / "ceds_mediastinum"
 CONFIGS = BUNDLE / "configs"
-# tiny widths and patches on top of cpu_demo.json; three epochs run the three phases (warm-up, confidence, semi)
+# tiny widths and patches on top of cpu_demo.json; three epochs of one iteration (one labelled case) run the three
+# phases: warm-up (the first third of the run), semi-supervised, then confidence re-training (the window of a third of
+# the run that starts every two thirds)
 TINY = ["--channels", "[4,8,16,32,64]", "--patch_size", "[32,32,32]", "--sw_batch_size", "2"]
-SCHEDULE = ["--warmup_epochs", "1", "--confidence_interval", "2", "--confidence_epochs", "1", "--val_interval", "3"]
+SCHEDULE = ["--warmup", str(1 / 3), "--confidence_interval", str(2 / 3), "--confidence_length", str(1 / 3),
+            "--val_interval", "3"]
 
 
 def data_args(ct_data: Path) -> list[str]:
@@ -104,7 +107,7 @@ def test_check_properties(tmp_path, ct_data):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ct_data):
-    """A 3-epoch CEDS training (warm-up, confidence re-training, semi-supervised) on the 20 % datalist."""
+    """A 3-epoch CEDS training (warm-up, semi-supervised, confidence re-training) on the 20 % datalist."""
     out = tmp_path_factory.mktemp("ceds_train")
     proc = bundle_run(["train.json"], out, *data_args(ct_data), "--ckpt_dir", str(out / "models"),
                       "--output_dir", str(out / "train"), "--epochs", "3", *SCHEDULE)
@@ -125,11 +128,11 @@ def test_train_writes_checkpoints_and_metrics(trained):
     metrics = (out / "train" / "validation" / "metrics.csv").read_text()
     assert metrics.startswith("val_mean_dice")
     assert list((out / "train").glob("events.out.tfevents.*"))
-    # all three phases ran: supervised (seg + confidence), confidence-only, semi-supervised (consistency weight > 0)
+    # all three phases ran: supervised (seg + confidence), semi-supervised (consistency weight > 0), confidence-only
     lines = [ln for ln in log.splitlines() if "Epoch: " in ln and "Iter:" in ln]
     assert any("Epoch: 1/3" in ln and "loss_seg: 0.0000" not in ln for ln in lines)
-    assert any("Epoch: 2/3" in ln and "loss_seg: 0.0000" in ln and "loss_confidence: 0.0000" not in ln for ln in lines)
-    assert any("Epoch: 3/3" in ln and "consistency_weight: 0.0000" not in ln for ln in lines)
+    assert any("Epoch: 2/3" in ln and "consistency_weight: 0.0000" not in ln for ln in lines)
+    assert any("Epoch: 3/3" in ln and "loss_seg: 0.0000" in ln and "loss_confidence: 0.0000" not in ln for ln in lines)
 
 
 @pytest.mark.integration
@@ -204,7 +207,7 @@ def test_multi_gpu_train_gloo(tmp_path, ct_data):
     """``multi_gpu_train.json`` under torchrun with two CPU processes (gloo) writes exactly one ``model.pt``."""
     models = tmp_path / "models"
     bundle_run(["train.json", "multi_gpu_train.json"], tmp_path, *data_args(ct_data), "--ckpt_dir", str(models),
-               "--output_dir", str(tmp_path / "train"), "--epochs", "1", "--warmup_epochs", "0",
+               "--output_dir", str(tmp_path / "train"), "--epochs", "1", "--warmup", "0", "--confidence_interval", "0",
                "--val_interval", "1", torchrun=2)
     assert sorted(p.name for p in models.glob("model*.pt")) == ["model.pt", "model_best.pt"]
     assert torch.load(models / "model.pt", map_location="cpu", weights_only=True)

@@ -38,8 +38,8 @@ def test_sigmoid_rampup(losses):
     assert losses.sigmoid_rampup(25, 10) == 1.0
     assert losses.sigmoid_rampup(-3, 10) == pytest.approx(math.exp(-5))
     assert losses.sigmoid_rampup(3, 0) == 1.0
-    # the authors' schedule: weight at the end of the 400-epoch warm-up of an 8000-epoch run
-    assert losses.sigmoid_rampup(400, 8000) == pytest.approx(math.exp(-5 * 0.95**2))
+    # the authors' schedule in fractions of the run: weight at the end of the 5 % warm-up, ramp over the whole run
+    assert losses.sigmoid_rampup(0.05, 1.0) == pytest.approx(math.exp(-5 * 0.95**2))
 
 
 def test_sharpen(losses):
@@ -193,7 +193,7 @@ def test_ema_update(trainer_mod, networks):
     assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
 
 
-def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, **kwargs):
+def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, max_epochs=1, **kwargs):
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, **
     decay = trainer_mod.cosine_lr_lambda(total_steps=10, base_lr=0.1, min_lr=0.01)
     trainer = trainer_mod.CEDSTrainer(
         device="cpu",
-        max_epochs=1,
+        max_epochs=max_epochs,
         train_data_loader=labeled,
         network=net,
         optimizer=seg_opt,
@@ -226,31 +226,103 @@ def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, **
 
 
 def test_phase_schedule(trainer_mod, losses, networks):
-    trainer, _ = _make_trainer(trainer_mod, losses, networks)  # authors' constants: 400 / 1000 / 5
-    phases = {e: trainer.phase(e) for e in (1, 400, 401, 999, 1000, 1004, 1005, 2000, 7999, 8000)}
-    assert phases == {1: "warmup", 400: "warmup", 401: "semi", 999: "semi", 1000: "confidence", 1004: "confidence",
-                      1005: "semi", 2000: "confidence", 7999: "semi", 8000: "confidence"}
+    """The authors' constants as fractions (0.05 / 0.125 / 0.000625) on 8000 epochs of 20 iterations: warm-up
+    epochs 1-400, re-training epochs 1001-1005, 2001-2005, ..., 7001-7005, mean teacher otherwise."""
+    trainer, _ = _make_trainer(trainer_mod, losses, networks)
+    length = 20
+    total = 8000 * length
+
+    def first(epoch):  # the first iteration of a (1-based) epoch
+        return (epoch - 1) * length + 1
+
+    phases = {n: trainer.phase(n, total) for n in (1, first(401) - 1, first(401), first(1001) - 1, first(1001),
+                                                   first(1006) - 1, first(1006), first(2001), total)}
+    assert phases == {1: "warmup", first(401) - 1: "warmup", first(401): "semi", first(1001) - 1: "semi",
+                      first(1001): "confidence", first(1006) - 1: "confidence", first(1006): "semi",
+                      first(2001): "confidence", total: "semi"}
+    assert sum(trainer.phase(n, total) != "semi" for n in range(1, total + 1)) == 435 * length  # 400 + 7 x 5 epochs
     mt, _ = _make_trainer(trainer_mod, losses, networks, mode="mean_teacher")
-    assert mt.phase(1000) == "semi" and mt.phase(5) == "warmup"
+    assert mt.phase(first(1001), total) == "semi" and mt.phase(5, total) == "warmup"
     sup, _ = _make_trainer(trainer_mod, losses, networks, mode="supervised")
-    assert sup.phase(5000) == "warmup"
+    assert sup.phase(total, total) == "warmup"
+    no_retraining, _ = _make_trainer(trainer_mod, losses, networks, confidence_interval=0)
+    assert no_retraining.phase(first(1001), total) == "semi"
     no_unlabeled, _ = _make_trainer(trainer_mod, losses, networks, unlabeled=False)
     assert no_unlabeled.mode == "supervised"
     with pytest.raises(ValueError):
         _make_trainer(trainer_mod, losses, networks, mode="fixmatch")
+    with pytest.raises(ValueError, match="warmup"):  # a number of epochs is not a fraction of the run
+        _make_trainer(trainer_mod, losses, networks, warmup=400)
 
 
-@pytest.mark.parametrize("epoch,phase", [(1, "warmup"), (2, "confidence"), (3, "semi")])
-def test_phase_updates(trainer_mod, losses, networks, epoch, phase):
+@pytest.mark.parametrize("warmup,total", [(0.05, 8000), (0.3, 7), (0.5, 3), (0.0, 10), (1.0, 4)])
+def test_warmup_length(trainer_mod, losses, networks, warmup, total):
+    """The warm-up is exactly the first ``round(warmup * total)`` iterations."""
+    trainer, _ = _make_trainer(trainer_mod, losses, networks, warmup=warmup)
+    phases = [trainer.phase(n, total) for n in range(1, total + 1)]
+    n_warmup = round(warmup * total)
+    assert phases[:n_warmup] == ["warmup"] * n_warmup and "warmup" not in phases[n_warmup:]
+
+
+def test_short_retraining_window_runs_one_iteration(trainer_mod, losses, networks):
+    """A re-training window shorter than one iteration still runs one, at the start of every period."""
+    trainer, _ = _make_trainer(trainer_mod, losses, networks, warmup=0.1, confidence_interval=0.25,
+                               confidence_length=0.001)
+    phases = [trainer.phase(n, 20) for n in range(1, 21)]  # period 5, window 1 (0.001 x 20 = 0.02 iterations)
+    assert [n for n, p in enumerate(phases, 1) if p == "confidence"] == [6, 11, 16]
+
+
+def _ran_phase(output: dict) -> str:
+    """The phase an iteration ran, read from its losses: confidence-only has no segmentation loss, the mean
+    teacher a positive consistency weight."""
+    if output["loss_seg"] == 0.0:
+        return "confidence"
+    return "semi" if output["consistency_weight"] > 0.0 else "warmup"
+
+
+def test_phases_follow_iterations_not_epochs(trainer_mod, losses, networks):
+    """The same schedule on 20 iterations, as 4 epochs of 5 or 2 epochs of 10, runs the same phase in every
+    iteration, with the same consistency weights and optimiser steps; the warm-up is round(0.2 x 20) = 4 iterations
+    and a re-training window straddles an epoch boundary of the first run."""
+    from ignite.engine import Events
+
+    schedule = {"warmup": 0.2, "confidence_interval": 0.45, "confidence_length": 0.1, "consistency_rampup": 0.5}
+    expected = ["warmup"] * 4 + ["semi"] * 5 + ["confidence"] * 2 + ["semi"] * 7 + ["confidence"] * 2
+    runs = []
+    for max_epochs, epoch_length in ((4, 5), (2, 10)):
+        trainer, _ = _make_trainer(trainer_mod, losses, networks, max_epochs=max_epochs, epoch_length=epoch_length,
+                                   decollate=False, **schedule)
+        ran = []
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED,
+            lambda e: ran.append((_ran_phase(e.state.output), round(e.state.output["consistency_weight"], 6))),
+        )
+        trainer.run()
+        assert trainer.state.iteration == 20
+        assert [p for p, _ in ran] == expected
+        # each cosine schedule advances only when its optimiser steps
+        assert trainer.lr_scheduler.last_epoch == expected.count("warmup") + expected.count("semi")
+        assert trainer.confidence_lr_scheduler.last_epoch == expected.count("warmup") + expected.count("confidence")
+        runs.append(ran)
+    assert runs[0] == runs[1]
+    # the weight ramps over the first half of the run: exp(-5 (1 - t / 0.5)^2) at t = 4 / 20, then 1 from t = 0.5
+    weights = [w for _, w in runs[0]]
+    assert weights[4] == pytest.approx(math.exp(-5 * (1 - 0.2 / 0.5) ** 2), abs=1e-6)
+    assert weights[10:] == [0.0 if p == "confidence" else 1.0 for p in expected[10:]]
+
+
+@pytest.mark.parametrize("iteration,phase", [(1, "warmup"), (2, "semi"), (3, "confidence")])
+def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
     """Each phase steps the right optimiser(s) and only the semi-supervised phase moves the teacher."""
-    trainer, net = _make_trainer(trainer_mod, losses, networks, warmup_epochs=1, confidence_interval=2,
-                                 confidence_epochs=1, consistency_rampup=3)
-    assert trainer.phase(epoch) == phase
+    # 3 epochs of 1 iteration: warm-up, then a 1-iteration re-training window every 2 iterations from the start
+    trainer, net = _make_trainer(trainer_mod, losses, networks, max_epochs=3, warmup=1 / 3, confidence_interval=2 / 3,
+                                 confidence_length=1 / 3)
+    assert trainer.state.max_epochs * trainer.state.epoch_length == 3
+    trainer.state.epoch = trainer.state.iteration = iteration
+    assert trainer.phase(iteration, 3) == phase
     seg_before = [p.clone() for p in net.segmentation_parameters()]
     conf_before = [p.clone() for p in net.confidence_parameters()]
     teacher_before = [p.clone() for p in trainer.teacher.parameters()]
-    # iteration 2 is the first one after the 1-epoch warm-up (epoch length 1)
-    trainer.state.epoch, trainer.state.iteration, trainer.state.epoch_length = epoch, 2, 1
     out = trainer._iteration(trainer, trainer.data_loader[0])
     out = out[0] if isinstance(out, list) else out  # decollated by the engine
 

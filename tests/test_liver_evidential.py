@@ -101,7 +101,7 @@ def test_dirichlet_mse_loss(ev):
     loss = ev.DirichletLoss("mse", kl_weight=0.0)
     assert loss(alpha, label0).item() == pytest.approx(expected)
     # true class 0 carries all the evidence: alpha_tilde = (1, 1), the KL term vanishes
-    assert ev.DirichletLoss("mse", kl_weight=1.0, annealing_epochs=0)(alpha, label0).item() == pytest.approx(expected)
+    assert ev.DirichletLoss("mse", kl_weight=1.0, annealing=0)(alpha, label0).item() == pytest.approx(expected)
 
 
 def test_dirichlet_kl_annealing(ev):
@@ -109,11 +109,11 @@ def test_dirichlet_kl_annealing(ev):
     label1 = torch.ones(1, 1, 1, 1)
     data = (0.75**2 + 0.75**2) + 2 * 0.1875 / 5  # target (0, 1)
     kl = math.log(3) - 2.0 / 3.0  # KL(Dir(3, 1) || Dir(1, 1)) = lnG(4) - lnG(3) + 2 (psi(3) - psi(4))
-    loss = ev.DirichletLoss("mse", kl_weight=1.0, annealing_epochs=4)
-    assert loss(alpha, label1).item() == pytest.approx(data)  # epoch 0: no KL
-    loss.epoch = 1
+    loss = ev.DirichletLoss("mse", kl_weight=1.0, annealing=0.4)
+    assert loss(alpha, label1).item() == pytest.approx(data)  # start of the run: no KL
+    loss.progress = 0.1
     assert loss(alpha, label1).item() == pytest.approx(data + 0.25 * kl)
-    loss.epoch = 10
+    loss.progress = 0.9
     assert loss(alpha, label1).item() == pytest.approx(data + kl)
 
 
@@ -137,8 +137,13 @@ def test_dirichlet_loss_dice_term_and_onehot(ev):
 
 
 def test_heads(ev):
-    alpha = ev.DirichletHead()(torch.tensor([[-50.0, 0.0, 50.0]]))
-    assert alpha.tolist()[0] == pytest.approx([1.0, 1.0 + math.log(2), 51.0], abs=1e-6)
+    logits = torch.tensor([[-50.0, 0.0, 2.0, 50.0]])
+    alpha = ev.DirichletHead("softplus")(logits)
+    assert alpha.tolist()[0] == pytest.approx([1.0, 1.0 + math.log(2), 1.0 + math.log1p(math.exp(2.0)), 51.0], abs=1e-5)
+    alpha = ev.DirichletHead()(logits)  # exponential evidence, logits clamped to [-10, 10]
+    assert alpha.tolist()[0] == pytest.approx([1.0 + math.exp(-10), 2.0, 1.0 + math.exp(2.0), 1.0 + math.exp(10)], rel=1e-6)
+    with pytest.raises(ValueError):
+        ev.DirichletHead("relu")
     nig = ev.NIGHead(3)(torch.zeros(2, 12))
     assert nig.shape == (2, 3, 4)
     assert torch.allclose(nig[..., 0], torch.zeros(2, 3))

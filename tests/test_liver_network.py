@@ -151,8 +151,8 @@ def test_multitask_loss_and_prepare_batch():
     total.backward()
     assert torch.isfinite(total)
     assert set(trainer.MultiTaskLoss(edge_weight=0.0).terms(net(inputs), targets)) == {"seg", "quant"}
-    loss_fn.epoch = 3
-    assert loss_fn.seg_loss.epoch == 3
+    loss_fn.progress = 0.3
+    assert loss_fn.seg_loss.progress == 0.3
 
 
 def test_quantification_error_metric():

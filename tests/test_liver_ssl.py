@@ -230,10 +230,17 @@ def test_ema_network_and_handler(consistency):
         net[0].weight.fill_(1.0)
     handler(None)  # first update: copy
     torch.testing.assert_close(ema.module[0].weight, torch.ones(2, 2))
-    with torch.no_grad():
-        net[0].weight.fill_(3.0)
-    handler(None)
-    torch.testing.assert_close(ema.module[0].weight, torch.full((2, 2), 0.9 * 1 + 0.1 * 3))
+    # warm-up: the k-th later update has decay min(1 - 1 / (k + 1), 0.9), the running mean of the students at first
+    expected = 1.0
+    for k, value in enumerate((3.0, 5.0, 2.0, 7.0, 4.0, 6.0, 8.0, 1.0, 9.0, 3.0, 5.0), start=1):
+        with torch.no_grad():
+            net[0].weight.fill_(value)
+        handler(None)
+        decay = min(1.0 - 1.0 / (k + 1), 0.9)
+        expected = decay * expected + (1.0 - decay) * value
+        torch.testing.assert_close(ema.module[0].weight, torch.full((2, 2), expected))
+    assert decay == 0.9  # the warm-up is over
+    assert ema.module[1].num_batches_tracked == net[1].num_batches_tracked
     wrapped = torch.nn.DataParallel(net)
     assert consistency.unwrap(wrapped) is net
 
@@ -269,7 +276,7 @@ def _loss(trainer, distillation, **weights):
     return trainer.SemiSupervisedLoss(
         distillation=distillation.FeatureDistillationLoss([4, 8, 8, 8, 8]),
         contrast=distillation.RegionContrastiveLoss(8, stage=2, embed_dim=0),
-        rampup_epochs=4,
+        consistency_rampup=0.5,
         **kwargs,
     )
 
@@ -329,23 +336,29 @@ def test_supervised_only_and_missing_inputs(trainer):
 
 def test_consistency_weight_and_mask_fraction_ramp(trainer, distillation):
     loss = _loss(trainer, distillation)
-    loss.epoch_progress = 0.0
+    loss.progress = 0.0
     start = loss.weights()["consistency"]
     assert start == pytest.approx(0.1 * math.exp(-5))
     assert loss.mask_fraction == pytest.approx(0.75 + 0.25 * math.exp(-5))
-    loss.epoch_progress = 4.0
+    loss.progress = 0.5
     assert loss.weights()["consistency"] == pytest.approx(0.1) and loss.mask_fraction == pytest.approx(1.0)
 
 
-def test_epoch_annealing_handler_sets_progress(trainer, distillation):
+def test_run_progress_handler_sets_the_fraction_of_the_run(trainer, distillation):
+    """The progress (hence every ramp) depends on the iteration's share of the run, not on the epoch length."""
     from ignite.engine import Engine
 
-    loss = _loss(trainer, distillation)
-    seen = []
-    engine = Engine(lambda e, b: seen.append((loss.epoch, loss.epoch_progress)))
-    trainer.EpochAnnealingHandler(loss).attach(engine)
-    engine.run([0, 1, 2, 3], max_epochs=2)
-    assert seen[0] == (0, 0.0) and seen[5] == (1, 1.25)
+    seen = {}
+    for epoch_length, epochs in ((4, 2), (2, 4)):
+        loss = _loss(trainer, distillation)
+        progress = []
+        engine = Engine(lambda e, b: progress.append((loss.progress, loss.seg_loss.progress, loss.weights()["consistency"])))
+        trainer.RunProgressHandler(loss).attach(engine)
+        engine.run(list(range(epoch_length)), max_epochs=epochs)
+        seen[epoch_length] = progress
+    assert [p[0] for p in seen[4]] == [i / 8 for i in range(8)]
+    assert all(p[0] == p[1] for p in seen[4])  # forwarded to the KL annealing of the segmentation loss
+    assert seen[4] == seen[2]
 
 
 class _Records(torch.utils.data.Dataset):

@@ -29,8 +29,11 @@ CEDS = BUNDLES / "ceds_mediastinum"
 LIVER = BUNDLES / "cdugjl_liver"
 # tiny network and patches on top of cpu_demo.json
 CEDS_TINY = ["--channels", "[2,4,8,16,32]", "--patch_size", "[16,16,16]", "--sw_batch_size", "2"]
-# phases by epoch: no warm-up, confidence re-training in even epochs, semi-supervised (EMA teacher) in odd ones
-RESUME_SCHEDULE = ["--warmup_epochs", "0", "--confidence_interval", "2", "--confidence_epochs", "1"]
+# schedules are fractions of the run: with 3 epochs of 8 iterations (24), no warm-up, confidence re-training in the
+# first 2 of every 8 iterations (a twelfth of the run every third), semi-supervised (EMA teacher) in the other 6
+RESUME_INTERVAL, RESUME_LENGTH = 1 / 3, 1 / 12
+RESUME_SCHEDULE = ["--warmup", "0", "--confidence_interval", str(RESUME_INTERVAL),
+                   "--confidence_length", str(RESUME_LENGTH)]
 # one thread: on a shared CPU, OpenMP threads contending for cores slow tiny networks down many times over
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ITER_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+)")
@@ -170,15 +173,19 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
     assert restored["trainer"]["iteration"] == saved * restored["trainer"]["epoch_length"]
     assert restored["trainer"]["max_epochs"] == epochs
     assert any(not torch.equal(ckpt["teacher"][k], ckpt["network"][k]) for k in ckpt["network"])  # a real EMA
-    assert ckpt["optimizer"]["state"]  # momentum buffers exist (the confidence optimiser's from epoch 2 on)
+    assert ckpt["optimizer"]["state"] and ckpt["confidence_optimizer"]["state"]  # both optimisers stepped
 
     final = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     length = final["trainer"]["epoch_length"]
     assert final["trainer"]["iteration"] == epochs * length and final["trainer"]["max_epochs"] == epochs
-    # the schedules continued from the checkpoint: even epochs step the confidence optimiser only, odd the other
+    # the schedules continued from the checkpoint: re-training iterations step the confidence optimiser only, the
+    # others the segmentation optimiser only
+    total = epochs * length
+    period, window = round(RESUME_INTERVAL * total), round(RESUME_LENGTH * total)
+    assert (period, window) == (8, 2)
     steps = {"lr_scheduler": 0, "confidence_lr_scheduler": 0}
-    for epoch in range(saved + 1, epochs + 1):
-        steps["confidence_lr_scheduler" if epoch % 2 == 0 else "lr_scheduler"] += length
+    for i in range(saved * length, total):
+        steps["confidence_lr_scheduler" if i % period < window else "lr_scheduler"] += 1
     for key, n in steps.items():
         assert final[key]["last_epoch"] == ckpt[key]["last_epoch"] + n, key
 
@@ -236,7 +243,7 @@ def test_ceds_same_seed_same_metrics(tmp_path, ct_data):
         out = tmp_path / name
         cmd = ceds_cmd("--dataset_dir", str(ct_data), "--datalist", str(ct_data / "datalist_20.json"),
                        "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "train"), "--epochs", "2",
-                       "--val_interval", "1", "--seed", "3", "--warmup_epochs", "1")
+                       "--val_interval", "1", "--seed", "3", "--warmup", "0.5", "--confidence_interval", "0")
         proc = run_cmd(cmd, cwd=tmp_path, timeout=300, env=ENV)
         runs.append(out)
         # every iteration's losses and every validation's metrics, without the time stamps

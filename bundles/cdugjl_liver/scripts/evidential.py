@@ -1,7 +1,7 @@
 """Evidential heads and losses: a voxel-wise Dirichlet for segmentation, a Normal-Inverse-Gamma for regression.
 
 Segmentation (Sensoy et al., NeurIPS 2018; Zou et al., TBraTS, MICCAI 2022): the network emits non-negative
-evidence ``e = softplus(logits)`` per class and voxel, the Dirichlet concentration is ``alpha = e + 1`` with
+evidence ``e = exp(logits)`` (or ``softplus(logits)``) per class and voxel, the Dirichlet concentration is ``alpha = e + 1`` with
 strength ``S = sum_k alpha_k``; the expected probability is ``alpha / S`` and the uncertainty (vacuity) ``K / S``.
 
 Quantification (Amini et al., NeurIPS 2020): every regressed value ``y`` gets a Normal-Inverse-Gamma prior
@@ -111,10 +111,28 @@ def nig_nll(y: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, alpha: torch
 
 
 class DirichletHead(nn.Module):
-    """Turns class logits into Dirichlet concentrations ``alpha = softplus(logits) + 1`` (evidence >= 0)."""
+    """Turns class logits into Dirichlet concentrations ``alpha = evidence(logits) + 1`` (evidence >= 0).
+
+    Args:
+        evidence: ``"exp"``: ``exp(clamp(logits, -clamp, clamp))`` (Sensoy et al.'s exponential evidence);
+            ``"softplus"``: ``softplus(logits)`` (TBraTS, the authors' head). Softplus evidence grows only
+            linearly with the logit, so the Dirichlet strength of a trained network stays small and its largest
+            probability ``1 - (K - 1) / S`` far below its accuracy; exponential evidence reaches the strengths
+            that calibrated probabilities near 1 need.
+        clamp: bound of the logits before ``exp`` (``exp(10)`` evidence at most).
+    """
+
+    def __init__(self, evidence: str = "exp", clamp: float = 10.0) -> None:
+        super().__init__()
+        if evidence not in ("exp", "softplus"):
+            raise ValueError(f"evidence must be 'exp' or 'softplus', got {evidence!r}.")
+        self.evidence = evidence
+        self.clamp = clamp
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, K, *spatial]`` logits -> ``[B, K, *spatial]`` concentrations."""
+        if self.evidence == "exp":
+            return torch.exp(logits.clamp(-self.clamp, self.clamp)) + 1
         return F.softplus(logits) + 1
 
 
@@ -151,38 +169,39 @@ class DirichletLoss(nn.Module):
     - ``"mse"``: ``sum_k (y_k - p_k)^2 + p_k (1 - p_k) / (S + 1)`` (Sensoy eq. 5);
     - ``"digamma"``: ``sum_k y_k (psi(S) - psi(alpha_k))`` (eq. 4); ``"log"``: the same with ``log``;
 
-    plus ``kl_weight * min(1, epoch / annealing_epochs) * KL(Dir(alpha_tilde) || Dir(1))`` with the true-class
+    plus ``kl_weight * min(1, progress / annealing) * KL(Dir(alpha_tilde) || Dir(1))`` with the true-class
     evidence removed, ``alpha_tilde = y + (1 - y) alpha``; optionally plus ``dice_weight`` times MONAI's soft Dice
     loss on the expected probability ``p`` (foreground channels only).
 
     Args:
         loss_type: ``"mse"``, ``"digamma"`` or ``"log"``.
         kl_weight: weight of the KL regulariser at the end of the annealing.
-        annealing_epochs: epochs over which the KL weight ramps linearly from 0 (``<= 0``: no ramp).
+        annealing: fraction of the run over which the KL weight ramps linearly from 0 (``<= 0``: no ramp).
         dice_weight: weight of the Dice term (0 disables it).
 
-    The current epoch is held in :attr:`epoch` (0-based, set by :class:`scripts.trainer.EpochAnnealingHandler`).
+    The run's progress, the fraction of its iterations completed, is held in :attr:`progress` (set by
+    :class:`scripts.trainer.RunProgressHandler`).
     """
 
     def __init__(
-        self, loss_type: str = "mse", kl_weight: float = 1.0, annealing_epochs: int = 10, dice_weight: float = 0.0
+        self, loss_type: str = "mse", kl_weight: float = 1.0, annealing: float = 0.1, dice_weight: float = 0.0
     ) -> None:
         super().__init__()
         if loss_type not in ("mse", "digamma", "log"):
             raise ValueError(f"loss_type must be 'mse', 'digamma' or 'log', got {loss_type!r}.")
         self.loss_type = loss_type
         self.kl_weight = kl_weight
-        self.annealing_epochs = annealing_epochs
+        self.annealing = annealing
         self.dice_weight = dice_weight
         self.dice = DiceLoss(include_background=False, to_onehot_y=False, softmax=False)
-        self.epoch = 0
+        self.progress = 0.0
 
     @property
-    def annealing(self) -> float:
-        """The KL ramp ``min(1, epoch / annealing_epochs)``."""
-        if self.annealing_epochs <= 0:
+    def kl_ramp(self) -> float:
+        """The KL ramp ``min(1, progress / annealing)``."""
+        if self.annealing <= 0:
             return 1.0
-        return min(1.0, self.epoch / self.annealing_epochs)
+        return min(1.0, self.progress / self.annealing)
 
     def forward(self, alpha: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -208,7 +227,7 @@ class DirichletLoss(nn.Module):
         loss = data.mean()
         if self.kl_weight > 0:
             alpha_tilde = onehot + (1 - onehot) * alpha
-            loss = loss + self.kl_weight * self.annealing * dirichlet_kl_uniform(alpha_tilde).mean()
+            loss = loss + self.kl_weight * self.kl_ramp * dirichlet_kl_uniform(alpha_tilde).mean()
         if self.dice_weight > 0:
             loss = loss + self.dice_weight * self.dice(prob, onehot)
         return loss

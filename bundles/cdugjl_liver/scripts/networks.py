@@ -154,6 +154,8 @@ class MEAMTNet(nn.Module):
         quant_hidden: hidden widths of the quantification MLP.
         quant_pool: adaptive pooling size per axis before the quantification MLP.
         quant_dropout: dropout after the first quantification layer.
+        evidence: evidence function of the Dirichlet head, ``"exp"`` or ``"softplus"``
+            (:class:`scripts.evidential.DirichletHead`).
 
     The input size must be divisible by 16 along each spatial axis. In ``eval()`` mode :meth:`forward` returns one
     tensor, the Dirichlet concentrations ``alpha`` ``[B, K, *spatial]`` (probability ``alpha / S``, uncertainty
@@ -178,6 +180,7 @@ class MEAMTNet(nn.Module):
         quant_hidden: Sequence[int] = (512, 128),
         quant_pool: int = 4,
         quant_dropout: float = 0.3,
+        evidence: str = "exp",
     ) -> None:
         super().__init__()
         if len(channels) != 5:
@@ -208,7 +211,7 @@ class MEAMTNet(nn.Module):
             ]
         )
         self.seg_head = Conv[Conv.CONV, spatial_dims](channels[0], out_channels, kernel_size=1)
-        self.dirichlet = DirichletHead()
+        self.dirichlet = DirichletHead(evidence)
         self.quant_decoder = QuantificationDecoder(
             spatial_dims, channels[4], num_quantities, quant_hidden, quant_pool, quant_dropout
         )

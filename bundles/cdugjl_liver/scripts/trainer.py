@@ -16,7 +16,7 @@ goes in and out of it:
   at inference;
 * :class:`SemiSupervisedLoss` splits the student's outputs again and adds the distillation
   (:mod:`scripts.distillation`) and consistency (:mod:`scripts.consistency`) terms to the supervised ones;
-* :class:`EpochAnnealingHandler` gives the loss the training progress (KL annealing, ramps),
+* :class:`RunProgressHandler` gives the loss the run's progress (KL annealing, ramps: fractions of the run),
   :class:`scripts.consistency.EMAUpdateHandler` updates the EMA after each step, and
   :class:`AllReduceGradientsHandler` averages the gradients of the loss's own trainable heads across processes.
 """
@@ -51,10 +51,10 @@ from .networks import field_of_view_scale
 
 __all__ = [
     "AllReduceGradientsHandler",
-    "EpochAnnealingHandler",
     "LabelledUnlabelledInferer",
     "MultiTaskLoss",
     "MultiTaskPrepareBatch",
+    "RunProgressHandler",
     "SemiSupervisedLoss",
     "SemiSupervisedPrepareBatch",
     "UnlabeledStream",
@@ -120,7 +120,7 @@ class MultiTaskLoss(nn.Module):
         quant_weight: weight of the quantification term (0 disables it).
         edge_weight: weight of the edge-map term (0 disables it).
 
-    The current epoch (for the KL annealing) is set through :attr:`epoch`.
+    The run's progress (for the KL annealing) is set through :attr:`progress`.
     """
 
     def __init__(
@@ -138,16 +138,18 @@ class MultiTaskLoss(nn.Module):
         self.quant_weight = quant_weight
         self.edge_weight = edge_weight
         self.last_terms: dict[str, torch.Tensor] = {}
+        self.progress = 0.0
 
     @property
-    def epoch(self) -> int:
-        """Completed epochs, forwarded to the segmentation loss's KL annealing."""
-        return getattr(self.seg_loss, "epoch", 0)
+    def progress(self) -> float:
+        """The fraction of the run's iterations completed, forwarded to the segmentation loss's KL annealing."""
+        return self._progress
 
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        if hasattr(self.seg_loss, "epoch"):
-            self.seg_loss.epoch = value
+    @progress.setter
+    def progress(self, value: float) -> None:
+        self._progress = value
+        if hasattr(self.seg_loss, "progress"):
+            self.seg_loss.progress = value
 
     def terms(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unweighted terms ``{"seg", "quant", "edge"}`` (those with a non-zero weight).
@@ -186,32 +188,27 @@ class MultiTaskLoss(nn.Module):
         return sum(weights[name] * value for name, value in terms.items())
 
 
-class EpochAnnealingHandler:
-    """Gives a loss the training progress: ``loss.epoch`` and, if the loss has it, ``loss.epoch_progress``.
+class RunProgressHandler:
+    """Gives a loss the run's progress before every iteration: ``loss.progress = (iteration - 1) / total``.
 
-    * ``loss.epoch``: completed epochs, set when each epoch starts (KL annealing of Sensoy et al.);
-    * ``loss.epoch_progress``: completed epochs as a float (``(iteration - 1) / epoch_length``), set before every
-      iteration (ramps of :class:`SemiSupervisedLoss`).
+    ``total = max_epochs * epoch_length`` is the run's number of iterations, so every schedule of the losses (the
+    KL annealing of Sensoy et al., the consistency ramps of :class:`SemiSupervisedLoss`) is a fraction of the run,
+    whatever the epoch length (label ratio, ``epoch_length``, overlays) or the number of epochs.
 
     Args:
-        loss: a module with an ``epoch`` attribute (:class:`MultiTaskLoss`, :class:`scripts.evidential.DirichletLoss`).
+        loss: a module with a ``progress`` attribute (:class:`MultiTaskLoss`,
+            :class:`scripts.evidential.DirichletLoss`).
     """
 
     def __init__(self, loss: nn.Module) -> None:
         self.loss = loss
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-        if hasattr(self.loss, "epoch_progress"):
-            engine.add_event_handler(Events.ITERATION_STARTED, self.progress)
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        self.loss.epoch = engine.state.epoch - 1
-
-    def progress(self, engine: Engine) -> None:
-        """Set ``loss.epoch_progress`` from the engine's iteration count."""
-        epoch_length = engine.state.epoch_length or 1
-        self.loss.epoch_progress = (engine.state.iteration - 1) / epoch_length
+        total = max(engine.state.max_epochs * (engine.state.epoch_length or 1), 1)
+        self.loss.progress = (engine.state.iteration - 1) / total
 
 
 class AllReduceGradientsHandler:
@@ -499,9 +496,9 @@ class SemiSupervisedLoss(MultiTaskLoss):
       :func:`scripts.distillation.region_map`) and unlabelled rows (regions from the teacher's confident
       prediction, tumour vs. non-tumour: :func:`scripts.distillation.teacher_region_map`), then averaged;
     * ``consistency`` (unlabelled rows): :class:`scripts.consistency.UncertaintyConsistencyLoss` against the EMA
-      on the weak view, masked to the ``kept_fraction(epoch_progress, rampup_epochs, kept_fraction_start)`` least
+      on the weak view, masked to the ``kept_fraction(progress, consistency_rampup, kept_fraction_start)`` least
       uncertain voxels of each class the EMA predicts, and weighted by
-      ``consistency_weight * sigmoid_rampup(epoch_progress, rampup_epochs)``.
+      ``consistency_weight * sigmoid_rampup(progress, consistency_rampup)``.
 
     A weight of 0 removes its term (nothing is computed for it). Terms whose inputs are absent from a batch (no
     teacher, no unlabelled data) are left out of that batch.
@@ -516,7 +513,7 @@ class SemiSupervisedLoss(MultiTaskLoss):
         contrast_weight: weight of the region InfoNCE.
         distill_kl_weight: weight of the teacher-student Dirichlet KL.
         consistency_weight: final weight of the consistency term.
-        rampup_epochs: length of the consistency weight and kept-fraction ramps, in epochs.
+        consistency_rampup: length of the consistency weight and kept-fraction ramps, as a fraction of the run.
         kept_fraction_start: the fraction of voxels the consistency mask keeps at the start of the ramp (as UA-MT's
             0.75 of the maximum entropy).
         region_max_uncertainty: teacher uncertainty below which unlabelled voxels get a region.
@@ -537,7 +534,7 @@ class SemiSupervisedLoss(MultiTaskLoss):
         contrast_weight: float = 0.0,
         distill_kl_weight: float = 0.0,
         consistency_weight: float = 0.0,
-        rampup_epochs: float = 0.0,
+        consistency_rampup: float = 0.0,
         kept_fraction_start: float = 0.75,
         region_max_uncertainty: float = 0.5,
     ) -> None:
@@ -555,18 +552,17 @@ class SemiSupervisedLoss(MultiTaskLoss):
         self.contrast_weight = contrast_weight
         self.distill_kl_weight = distill_kl_weight
         self.consistency_weight = consistency_weight
-        self.rampup_epochs = rampup_epochs
+        self.consistency_rampup = consistency_rampup
         self.kept_fraction_start = kept_fraction_start
         self.region_max_uncertainty = region_max_uncertainty
-        self.epoch_progress = 0.0
 
     @property
     def mask_fraction(self) -> float:
         """The current fraction of voxels the consistency mask keeps."""
-        return kept_fraction(self.epoch_progress, self.rampup_epochs, self.kept_fraction_start)
+        return kept_fraction(self.progress, self.consistency_rampup, self.kept_fraction_start)
 
     def weights(self) -> dict[str, float]:
-        ramp = sigmoid_rampup(self.epoch_progress, self.rampup_epochs)
+        ramp = sigmoid_rampup(self.progress, self.consistency_rampup)
         return {
             **super().weights(),
             "attention": self.attention_weight,

@@ -23,7 +23,8 @@ def sigmoid_rampup(current: float, rampup_length: float) -> float:
     """Ramp from ``exp(-5)`` at ``current = 0`` to 1 at ``current >= rampup_length`` (Laine & Aila, 2017).
 
     Args:
-        current: the current step (epoch), clipped to ``[0, rampup_length]``.
+        current: the current position, in the unit of ``rampup_length`` (:class:`scripts.trainer.CEDSTrainer`
+            passes the fraction of the run done), clipped to ``[0, rampup_length]``.
         rampup_length: length of the ramp; ``0`` gives a constant 1.
     """
     if rampup_length <= 0:

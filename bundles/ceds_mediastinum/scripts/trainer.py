@@ -1,19 +1,23 @@
 """The CEDS training engine: supervised warm-up, confidence re-training and confidence-masked mean teacher.
 
-:class:`CEDSTrainer` is a ``monai.engines.SupervisedTrainer`` whose iteration runs one of three phases, chosen by
-epoch (ignite epochs count from 1):
+:class:`CEDSTrainer` is a ``monai.engines.SupervisedTrainer`` whose iteration runs one of three phases. Every
+schedule is a fraction of the run's iterations, never a number of epochs, so the phases do not move with the length
+of an epoch (label ratio, ``epoch_length``). The progress of (1-based) iteration ``n`` of a run of
+``N = max_epochs * epoch_length`` iterations is ``t = (n - 1) / N``, in [0, 1); the phase boundaries are the
+fractions rounded to whole iterations (:meth:`CEDSTrainer.phase`).
 
-- ``warmup`` (epochs ``1..warmup_epochs``, and every epoch in ``"supervised"`` mode): labelled patches only, no
-  noise; segmentation loss (DiceCE) on the encoder and segmentation decoder, class-balanced confidence loss on
-  the confidence branch; both optimisers step.
-- ``confidence`` (after the warm-up, epochs with ``epoch % confidence_interval < confidence_epochs``; ``"ceds"``
-  mode only): the confidence branch alone is re-trained on the labelled patches with the student's input noise.
-- ``semi`` (all other epochs): mean teacher. The batch is the labelled patches followed by unlabelled patches;
+- ``warmup`` (``t < warmup``, and every iteration in ``"supervised"`` mode): labelled patches only, no noise;
+  segmentation loss (DiceCE) on the encoder and segmentation decoder, class-balanced confidence loss on the
+  confidence branch; both optimisers step.
+- ``confidence`` (after the warm-up, ``t % confidence_interval < confidence_length``, each window at least one
+  iteration long; ``"ceds"`` mode only): the confidence branch alone is re-trained on the labelled patches with the
+  student's input noise.
+- ``semi`` (all other iterations): mean teacher. The batch is the labelled patches followed by unlabelled patches;
   the student sees strongly noised input, the EMA teacher weakly noised input; loss = DiceCE on the labelled part
-  + ``w(epoch) * consistency`` over the whole batch, where the consistency is masked by the teacher's confidence
+  + ``w(t) * consistency`` over the whole batch, where the consistency is masked by the teacher's confidence
   (``"ceds"``) or not (``"mean_teacher"``); only the segmentation optimiser steps, then the teacher is updated.
 
-Without unlabelled data every epoch is a warm-up epoch (supervised training).
+Without unlabelled data every iteration is a warm-up iteration (supervised training).
 """
 
 from __future__ import annotations
@@ -115,20 +119,36 @@ class CEDSTrainer(SupervisedTrainer):
         teacher: the EMA teacher, a copy of the student's module (:func:`create_teacher`).
         unlabeled_data_loader: unlabelled data (``image`` only), cycled; ``None`` or empty: supervised training.
         mode: ``"ceds"``, ``"mean_teacher"`` (no confidence mask, no confidence re-training) or ``"supervised"``
-            (warm-up phase every epoch, labelled data only).
-        warmup_epochs: number of supervised warm-up epochs.
-        confidence_interval: period (epochs) of the confidence re-training.
-        confidence_epochs: epochs of confidence re-training per period.
+            (warm-up phase in every iteration, labelled data only).
+        warmup: fraction of the run's iterations, in [0, 1], that is the supervised warm-up: the first
+            ``round(warmup * N)`` iterations. The paper's 400 of 8000 epochs is 0.05.
+        confidence_interval: period of the confidence re-training, a fraction of the run in [0, 1]: the windows
+            start at the iterations ``k * P + 1`` with ``P = max(1, round(confidence_interval * N))``
+            (``k = 0, 1, ...``; those inside the warm-up are warm-up). 0 disables the re-training. The paper's
+            1000 of 8000 epochs is 0.125.
+        confidence_length: length of each re-training window, a fraction of the run in [0, 1]:
+            ``max(1, round(confidence_length * N))`` iterations, so a window shorter than one iteration still
+            runs one; 0 disables the re-training. The paper's 5 of 8000 epochs is 0.000625.
         ema_decay: EMA decay of the teacher; during the first iterations after the warm-up the decay is
             ``min(1 - 1 / (k + 1), ema_decay)`` for the ``k``-th iteration (``k = 0`` copies the student).
         teacher_train_mode: run the teacher in training mode (dropout and batch statistics on, as the authors) or
             in eval mode.
         consistency_weight: maximum weight of the consistency loss.
-        consistency_rampup: length in epochs of the ``exp(-5 (1 - t / L)^2)`` ramp of the weight (``t`` = epoch
-            index from 0); 0 disables the ramp.
+        consistency_rampup: length of the ``exp(-5 (1 - t / L)^2)`` ramp of the weight, a fraction ``L`` of the
+            run in [0, 1] (``t`` is the progress, see the module docstring); 1 ramps over the whole run (the
+            paper), 0 disables the ramp.
         student_noise: ``(std, clip)`` of the student's input noise in the ``confidence`` and ``semi`` phases.
         teacher_noise: ``(std, clip)`` of the teacher's input noise.
-        kwargs: other arguments of ``monai.engines.SupervisedTrainer`` (``train_handlers``, ``inferer``, ...).
+        kwargs: other arguments of ``monai.engines.SupervisedTrainer`` (``train_handlers``, ``inferer``,
+            ``epoch_length``, ...).
+
+    Raises:
+        ValueError: when ``mode`` is unknown, a semi-supervised mode has no teacher, or a schedule fraction is
+            outside [0, 1].
+
+    Note:
+        ``N`` is read from ``engine.state`` at every iteration, so a run resumed with a larger ``max_epochs`` follows
+        the schedules re-timed to the new length, as the cosine decay of :func:`cosine_lr_lambda`.
     """
 
     def __init__(
@@ -147,19 +167,24 @@ class CEDSTrainer(SupervisedTrainer):
         teacher: nn.Module | None = None,
         unlabeled_data_loader: Iterable | None = None,
         mode: str = "ceds",
-        warmup_epochs: int = 400,
-        confidence_interval: int = 1000,
-        confidence_epochs: int = 5,
+        warmup: float = 0.05,
+        confidence_interval: float = 0.125,
+        confidence_length: float = 0.000625,
         ema_decay: float = 0.99,
         teacher_train_mode: bool = True,
         consistency_weight: float = 1.0,
-        consistency_rampup: float = 8000,
+        consistency_rampup: float = 1.0,
         student_noise: Sequence[float] = (0.2, 0.4),
         teacher_noise: Sequence[float] = (0.05, 0.1),
         **kwargs: Any,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        schedule = {"warmup": warmup, "confidence_interval": confidence_interval,
+                    "confidence_length": confidence_length, "consistency_rampup": consistency_rampup}
+        for name, fraction in schedule.items():
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"{name} is a fraction of the run's iterations in [0, 1], got {fraction}.")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -183,9 +208,9 @@ class CEDSTrainer(SupervisedTrainer):
         self.consistency_loss = consistency_loss
         self.teacher = teacher
         self.unlabeled_data_loader = unlabeled_data_loader
-        self.warmup_epochs = warmup_epochs
+        self.warmup = warmup
         self.confidence_interval = confidence_interval
-        self.confidence_epochs = confidence_epochs
+        self.confidence_length = confidence_length
         self.ema_decay = ema_decay
         self.teacher_train_mode = teacher_train_mode
         self.consistency_weight = consistency_weight
@@ -195,13 +220,34 @@ class CEDSTrainer(SupervisedTrainer):
         self._unlabeled_iter: Iterator | None = None
         self._unlabeled_pass = 0
 
-    def phase(self, epoch: int) -> str:
-        """The phase of (1-based) ``epoch``: ``"warmup"``, ``"confidence"`` or ``"semi"``."""
-        if self.mode == "supervised" or epoch <= self.warmup_epochs:
+    def _warmup_iterations(self, total: int) -> int:
+        """The number of warm-up iterations of a run of ``total`` iterations: ``round(warmup * total)``."""
+        return round(self.warmup * total)
+
+    def phase(self, iteration: int, total: int) -> str:
+        """The phase of (1-based) ``iteration`` in a run of ``total`` iterations.
+
+        The fractions become whole iterations: ``W = round(warmup * total)``,
+        ``P = max(1, round(confidence_interval * total))`` and ``C = max(1, round(confidence_length * total))``, so
+        that a re-training window shorter than one iteration still runs one. With ``i = iteration - 1`` the phase
+        is ``"warmup"`` when ``i < W`` (every iteration in ``"supervised"`` mode), else ``"confidence"`` when
+        ``i % P < C`` (``"ceds"`` mode, with neither ``confidence_interval`` nor ``confidence_length`` 0), else
+        ``"semi"``.
+
+        Args:
+            iteration: the iteration, from 1 (``engine.state.iteration``).
+            total: the iterations of the run (``engine.state.max_epochs * engine.state.epoch_length``).
+
+        Returns:
+            ``"warmup"``, ``"confidence"`` or ``"semi"``.
+        """
+        i = iteration - 1
+        if self.mode == "supervised" or i < self._warmup_iterations(total):
             return "warmup"
-        periodic = self.confidence_interval > 0 and epoch % self.confidence_interval < self.confidence_epochs
-        if self.mode == "ceds" and periodic:
-            return "confidence"
+        if self.mode == "ceds" and self.confidence_interval > 0 and self.confidence_length > 0:
+            period = max(1, round(self.confidence_interval * total))
+            if i % period < max(1, round(self.confidence_length * total)):
+                return "confidence"
         return "semi"
 
     def _next_unlabeled(self) -> dict:
@@ -218,13 +264,18 @@ class CEDSTrainer(SupervisedTrainer):
             except StopIteration:
                 self._unlabeled_iter = None
 
-    def _teacher_decay(self, engine: CEDSTrainer) -> float:
-        """EMA decay of the ``k``-th iteration after the warm-up: ``min(1 - 1 / (k + 1), ema_decay)``."""
-        k = engine.state.iteration - 1 - self.warmup_epochs * engine.state.epoch_length
+    def _teacher_decay(self, iteration: int, total: int) -> float:
+        """EMA decay of the ``k``-th iteration after the warm-up (``k`` from 0): ``min(1 - 1 / (k + 1), ema_decay)``.
+
+        Args:
+            iteration: the iteration, from 1.
+            total: the iterations of the run.
+        """
+        k = iteration - 1 - self._warmup_iterations(total)
         return min(1.0 - 1.0 / (max(k, 0) + 1.0), self.ema_decay)
 
     def _iteration(self, engine: CEDSTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        """One iteration of the phase of the current epoch.
+        """One training iteration, in the phase that :meth:`phase` gives to ``engine.state.iteration``.
 
         Returns:
             ``engine.state.output``: ``image``, ``label``, ``pred`` (student segmentation logits of the labelled
@@ -234,7 +285,8 @@ class CEDSTrainer(SupervisedTrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        phase = self.phase(engine.state.epoch)
+        iteration, total = engine.state.iteration, engine.state.max_epochs * engine.state.epoch_length
+        phase = self.phase(iteration, total)
         engine.network.train()
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         zero = torch.zeros((), device=inputs.device)
@@ -265,7 +317,8 @@ class CEDSTrainer(SupervisedTrainer):
             loss_seg = engine.loss_function(seg, targets)
             mask_logits = teacher_confidence if self.mode == "ceds" else None
             loss_consistency = self.consistency_loss(student_seg, teacher_seg, mask_logits)
-            weight = self.consistency_weight * sigmoid_rampup(engine.state.epoch - 1, self.consistency_rampup)
+            progress = (iteration - 1) / total
+            weight = self.consistency_weight * sigmoid_rampup(progress, self.consistency_rampup)
             loss = loss_seg + weight * loss_consistency
             steps = [(engine.optimizer, self.lr_scheduler)]
         engine.state.output[Keys.PRED] = seg
@@ -286,7 +339,7 @@ class CEDSTrainer(SupervisedTrainer):
             if scheduler is not None:
                 scheduler.step()
         if phase == "semi":
-            ema_update(self.teacher, engine.network, self._teacher_decay(engine))  # type: ignore[arg-type]
+            ema_update(self.teacher, engine.network, self._teacher_decay(iteration, total))  # type: ignore[arg-type]
         engine.state.output.update(
             {
                 "loss_seg": float(loss_seg.detach()),

@@ -196,6 +196,22 @@ def iteration_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_table(data: dict) -> str:
+    """Where a training iteration's time goes (``benchmark_speed.py profile``), milliseconds per phase."""
+    phases = ("data", "prepare", "forward", "between", "loss", "backward", "optimiser", "handlers")
+    lines = [_fence(data["command"]), _env_line(data), "",
+             "| bundle | method | batch | " + " | ".join(f"{p} (ms)" for p in phases)
+             + " | step (ms) | network fwd + bwd (ms) | data share | step / network |",
+             "|---|---|---|" + "---|" * len(phases) + "---|---|---|---|"]
+    for r in data["rows"]:
+        batch = "x".join(str(s) for s in r["batch_shape"])
+        lines.append(f"| {r['bundle']} | {r['method']} | {batch} | "
+                     + " | ".join(f"{1000 * r[f'{p}_s']:.1f}" for p in phases)
+                     + f" | {1000 * r['step_s']:.0f} | {1000 * r['network_s']:.0f} | {100 * r['data_share']:.0f} % | "
+                     f"{r['step_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def inference_table(data: dict) -> str:
     lines = [_fence(data["command"]), _env_line(data), "",
              "| volume | widths | network | baseline | time (s) | baseline (s) | time ratio | peak RSS GB | "
@@ -282,7 +298,8 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
         text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
     text = replace_block(text, "runtime", head + "\n" + runtime_table(runs))
-    for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table)):
+    for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table),
+                        ("profile", profile_table), ("profile_before", profile_table)):
         data = _speed(results_dir, name)
         if data is not None:
             text = replace_block(text, f"speed_{name}", table(data))

@@ -340,6 +340,7 @@ def liver_case(
     lesion_radius: Sequence[float] = (0.13, 0.28),
     t2_contrast: float = 0.25,
     dwi_contrast: float = 0.35,
+    conspicuity: Sequence[float] = (0.3, 1.7),
     ce_contrast: float = 1.0,
     noise: float = 1.0,
     misregistration: float = 1.5,
@@ -365,8 +366,10 @@ def liver_case(
     spots = np.clip(smooth_noise(rng, shape, (1.5, 1.5, 0.5)), -1.0, 1.0)
     lesion_voxels: list[tuple[np.ndarray, np.ndarray]] = []
     kinds: list[str] = []
+    factors: list[float] = []
     for _ in range(n_lesions):
         kind = str(rng.choice(LESION_TYPES, p=(0.35, 0.35, 0.15, 0.15)))
+        factor = _uniform(rng, conspicuity)
         r = _uniform(rng, lesion_radius)
         radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
         depth = max(1, int(r * size / 4))  # keep the centre away from the liver surface
@@ -383,14 +386,15 @@ def liver_case(
         label[mask] = 1
         lesion_voxels.append((mask, rho[mask]))
         kinds.append(kind)
+        factors.append(factor)
 
     # clean signals per sequence: tissue lookup, parenchymal texture, lesions, partial-volume blur
     texture = smooth_noise(rng, shape, (3.0, 3.0, 1.0))
     images = {}
     for s, name in enumerate(LIVER_SEQUENCES + LIVER_CE_PHASES):
         img = _MR_TABLE[tissue, s] * (1.0 + 0.05 * texture)
-        for (mask, rho_in), kind in zip(lesion_voxels, kinds):
-            sig = _lesion_signal(kind, rho_in, spots[mask], t2_contrast, dwi_contrast, ce_contrast)[s]
+        for (mask, rho_in), kind, f in zip(lesion_voxels, kinds, factors):
+            sig = _lesion_signal(kind, rho_in, spots[mask], f * t2_contrast, f * dwi_contrast, ce_contrast)[s]
             img[mask] = sig * (1.0 + 0.04 * texture[mask])
         images[name] = ndimage.gaussian_filter(img, (0.6, 0.6, 0.3))
 
@@ -425,6 +429,7 @@ def liver_mri(
     lesion_radius: Sequence[float] = (0.13, 0.28),
     t2_contrast: float = 0.25,
     dwi_contrast: float = 0.35,
+    conspicuity: Sequence[float] = (0.3, 1.7),
     ce_contrast: float = 1.0,
     noise: float = 1.0,
     misregistration: float = 1.5,
@@ -463,6 +468,9 @@ def liver_mri(
             ``cpu`` benchmark profile, so that every lesion spans enough pixels to be learned in a short CPU run.
         t2_contrast: relative lesion-to-liver signal difference of the least conspicuous type (HCC) in T2WI.
         dwi_contrast: same in DWI.
+        conspicuity: range of a per-lesion factor on the T2WI and DWI contrasts (not on the CE phases): lesions
+            from barely visible to clearly visible without contrast agent, so that a few labelled cases do not
+            show the range a model must learn, while every lesion stays conspicuous in the CE phases.
         ce_contrast: scale of the lesion-to-liver differences in the CE phases (1 = default appearance).
         noise: scale of the noise standard deviations (1 = default: liver SNR ~5.5 T2WI, ~3.6 DWI, >13 CE).
         misregistration: largest in-plane DWI shift in voxels.
@@ -473,8 +481,8 @@ def liver_mri(
     start = time.time()
     out = Path(out_dir)
     kwargs = dict(size=size, n_slices=n_slices, max_lesions=max_lesions, lesion_radius=tuple(lesion_radius),
-                  t2_contrast=t2_contrast, dwi_contrast=dwi_contrast, ce_contrast=ce_contrast, noise=noise,
-                  misregistration=misregistration)
+                  t2_contrast=t2_contrast, dwi_contrast=dwi_contrast, conspicuity=tuple(conspicuity),
+                  ce_contrast=ce_contrast, noise=noise, misregistration=misregistration)
     records = []
     for i in range(n_cases):
         case = f"liver_{i:03d}"
@@ -520,8 +528,9 @@ def ct_case(
     seed: int = 0,
     size: int = 96,
     n_slices: int = 64,
-    tumour_radius: Sequence[float] = (0.2, 0.35),
-    tumour_hu: Sequence[float] = (60.0, 85.0),
+    tumour_radius: Sequence[float] = (0.2, 0.3),
+    tumour_hu: Sequence[float] = (70.0, 95.0),
+    muscle_hu: float = 65.0,
     noise_hu: float = 18.0,
     p_necrosis: float = 0.3,
     p_calcification: float = 0.2,
@@ -551,7 +560,7 @@ def ct_case(
     cav_rho = ellipse(grid, body_c, cav_r)
     cavity = cav_rho < 1.0
     hu[body] = -100.0
-    hu[wall_rho < 1.0] = 50.0
+    hu[wall_rho < 1.0] = muscle_hu
     angle = np.arctan2(y - body_c[1], x)
     band = (cav_rho >= 1.0) & (cav_rho < 1.0 + 0.6 * wall_t / cav_r[1])
     rib_phase = (angle / (2 * np.pi) * 3.0 + z * rng.uniform(2.5, 3.5) + rng.uniform()) % (1.0 / 3.0) * 3.0
@@ -566,7 +575,7 @@ def ct_case(
     vb_r = rng.uniform(0.1, 0.12)
     canal_c = (0.0, vb_c[1] - vb_r - 0.05, 0.0)
     for side in (-1, 1):
-        hu[ellipse(grid, (side * 0.18, back + 0.12, 0), (0.13, 0.1, np.inf)) < 1.0] = 50.0
+        hu[ellipse(grid, (side * 0.18, back + 0.12, 0), (0.13, 0.1, np.inf)) < 1.0] = muscle_hu
     vb_rho = ellipse(grid, vb_c, (vb_r, vb_r * 0.95, np.inf))
     arch = (ellipse(grid, canal_c, (0.085, 0.08, np.inf)) < 1.0) | (
         ellipse(grid, (0.0, canal_c[1] - 0.09, 0), (0.025, 0.07, np.inf)) < 1.0)
@@ -728,8 +737,9 @@ def mediastinal_ct(
     seed: int = 0,
     size: int = 96,
     n_slices: int = 64,
-    tumour_radius: Sequence[float] = (0.2, 0.35),
-    tumour_hu: Sequence[float] = (60.0, 85.0),
+    tumour_radius: Sequence[float] = (0.2, 0.3),
+    tumour_hu: Sequence[float] = (70.0, 95.0),
+    muscle_hu: float = 65.0,
     noise_hu: float = 18.0,
     p_necrosis: float = 0.3,
     p_calcification: float = 0.2,
@@ -744,7 +754,7 @@ def mediastinal_ct(
     neoplasm's density (``tumour_hu``, with texture, optionally a necrotic core or calcified specks) stands
     out from the heart and vessels it touches but overlaps the chest-wall muscle and soft-tissue partial volumes,
     so an intensity threshold cannot segment it: the best single threshold or HU window reaches a Dice below 0.5
-    (0.07-0.45 over 40 cases at the defaults, seed 0; tests/test_phantoms.py). Images are blurred
+    (tests/test_phantoms.py). Images are blurred
     (point-spread) and carry slightly correlated Gaussian noise. Spacing: in-plane U(0.6, 1.0) mm, slices
     U(1.5, 3.0) mm.
 
@@ -757,12 +767,15 @@ def mediastinal_ct(
         seed: dataset seed; case ``i`` depends only on ``(seed, i)``.
         size: in-plane matrix (size x size).
         n_slices: number of slices (z, last array axis).
-        tumour_radius: range of neoplasm radii as a fraction of the half field of view. The default, 0.2-0.35
-            of about 38 mm, gives radii of about 7.5-13.5 mm: 5-9 voxels in-plane at the 1.5 mm of the ``cpu``
+        tumour_radius: range of neoplasm radii as a fraction of the half field of view. The default, 0.2-0.3 of
+            about 38 mm, gives radii of about 7.5-11.5 mm: 5-7.5 voxels in-plane at the 1.5 mm of the ``cpu``
             benchmark profile.
-        tumour_hu: range of the neoplasm's mean density in HU. The default, 60-85 HU, is 20-50 HU above the heart
-            and great vessels it touches (learnable from the local contrast) but overlaps the chest-wall muscle
-            (50 HU) and soft-tissue partial volumes within the noise, so no threshold or window finds it.
+        tumour_hu: range of the neoplasm's mean density in HU. The default, 70-95 HU, is 30-60 HU above the heart
+            and great vessels it touches, so a network learns its boundary from the local contrast in a short CPU
+            run; it overlaps the chest-wall and paraspinal muscle (``muscle_hu``) within the noise, so no
+            threshold or window finds it.
+        muscle_hu: density of the chest-wall and paraspinal muscle (65 HU, the upper end of skeletal muscle: the
+            confounder of the neoplasm's density).
         noise_hu: standard deviation of the image noise in HU.
         p_necrosis: probability of a necrotic (5-20 HU) core.
         p_calcification: probability of calcified specks (250-700 HU).
@@ -773,7 +786,7 @@ def mediastinal_ct(
     start = time.time()
     out = Path(out_dir)
     kwargs = dict(size=size, n_slices=n_slices, tumour_radius=tuple(tumour_radius), tumour_hu=tuple(tumour_hu),
-                  noise_hu=noise_hu, p_necrosis=p_necrosis, p_calcification=p_calcification)
+                  muscle_hu=muscle_hu, noise_hu=noise_hu, p_necrosis=p_necrosis, p_calcification=p_calcification)
     records = []
     for i in range(n_cases):
         case = f"ct_{i:03d}"

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fire
@@ -30,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 class _Runner:
     """Runs ``monai.bundle`` commands for one bundle and prints progress."""
 
-    def __init__(self, bundle: str, out_dir: Path) -> None:
+    def __init__(self, bundle: str, out_dir: Path, threads: int | None = None) -> None:
         self.bundle = bundle
         self.root = REPO / "bundles" / bundle
         self.out_dir = out_dir
-        self.start = time.time()
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
 
     def run(self, step: str, configs: list[str], **overrides: object) -> None:
         files = [str(self.root / "configs" / c) for c in (*configs, "cpu_demo.json")]
@@ -49,7 +51,7 @@ class _Runner:
         with open(log, "w") as f:
             f.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             f.flush()
-            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             tail = log.read_text().splitlines()[-40:]
             raise SystemExit(f"[{self.bundle}] {step} failed (exit {proc.returncode}); log: {log}\n" + "\n".join(tail))
@@ -81,10 +83,9 @@ def _abs(record: dict, base: Path, key: str) -> str | list[str]:
     return [str(base / v) for v in value] if isinstance(value, list) else str(base / value)
 
 
-def ceds(out_dir: Path, data_dir: Path, **train: object) -> dict:
+def ceds(out_dir: Path, data_dir: Path, datalist: Path, threads: int | None = None, **train: object) -> dict:
     """Train, evaluate and run inference with ``ceds_mediastinum``; returns the output paths."""
-    r = _Runner("ceds_mediastinum", out_dir)
-    datalist = data_dir / "datalist_20.json"
+    r = _Runner("ceds_mediastinum", out_dir, threads)
     common = {"dataset_dir": data_dir, "datalist": datalist, "ckpt_dir": out_dir / "models"}
     r.run("train", ["train.json"], output_dir=out_dir / "train", **train, **common)
     r.run("evaluate", ["train.json", "evaluate.json"], output_dir=out_dir / "evaluate", **common)
@@ -96,12 +97,16 @@ def ceds(out_dir: Path, data_dir: Path, **train: object) -> dict:
             "figure": figure}
 
 
-def liver(out_dir: Path, data_dir: Path, **train: object) -> dict:
-    """Train the contrast-enhanced teacher and the non-contrast student, evaluate, run inference (cdugjl_liver)."""
-    r = _Runner("cdugjl_liver", out_dir)
+def liver(out_dir: Path, data_dir: Path, datalist: Path, threads: int | None = None, **train: object) -> dict:
+    """Train the contrast-enhanced teacher and the non-contrast student, evaluate, run inference (cdugjl_liver).
+
+    The teacher learns from the student's labelled cases only (their CE phases), so no other label reaches the
+    student.
+    """
+    r = _Runner("cdugjl_liver", out_dir, threads)
     common = {"dataset_dir": data_dir, "ckpt_dir": out_dir / "models"}
-    r.run("train_teacher", ["train_teacher.json"], datalist=data_dir / "datalist_100.json", **train, **common)
-    datalist = data_dir / "datalist_20.json"
+    r.run("train_teacher", ["train_teacher.json"], datalist=datalist, output_dir=out_dir / "train_teacher", **train,
+          **common)
     r.run("train", ["train.json"], datalist=datalist, output_dir=out_dir / "train", **train, **common)
     r.run("evaluate", ["train.json", "evaluate.json"], datalist=datalist, output_dir=out_dir / "evaluate", **common)
     case = _held_out_case(datalist)
@@ -112,12 +117,34 @@ def liver(out_dir: Path, data_dir: Path, **train: object) -> dict:
             "figure": figure}
 
 
+JOBS = {"ceds_mediastinum": (ceds, phantoms.mediastinal_ct, "mediastinal_ct"),
+        "cdugjl_liver": (liver, phantoms.liver_mri, "liver_mri")}
+ITERATIONS = {"ceds_mediastinum": 800, "cdugjl_liver": 400}
+"""Training iterations of each bundle (per network: the liver teacher and student get this many each)."""
+
+
+def _bundle_job(bundle: str, out: Path, n_cases: int, seed: int, label_ratio: float, threads: int | None,
+                iterations: int) -> dict:
+    """Phantom data (reused if present) and the whole round of one bundle; returns its output paths."""
+    job, generate, name = JOBS[bundle]
+    data_dir = out / "data" / name
+    if not (data_dir / "dataset.json").exists():
+        print(f"[data] generating {n_cases} phantom cases ({name}) in {data_dir} ...", flush=True)
+        generate(str(data_dir), n_cases=n_cases, seed=seed)
+    datalist = Path(phantoms.datalist(str(data_dir), label_ratio=label_ratio, seed=seed))
+    epochs = max(1, round(iterations / 20))
+    train = {"epochs": epochs, "epoch_length": 20, "val_interval": max(1, epochs // 4)}
+    return job(out / bundle, data_dir, datalist, threads, **train)
+
+
 def main(
     out_dir: str = "outputs/quickstart",
     bundles: tuple[str, ...] = ("ceds_mediastinum", "cdugjl_liver"),
     n_cases: int = 24,
     seed: int = 0,
-    epochs: int | None = None,
+    label_ratio: float = 1.0,
+    iterations: dict[str, int] | None = None,
+    parallel: bool = True,
 ) -> None:
     """Generate the phantom datasets, then train, evaluate and run inference with each bundle.
 
@@ -126,23 +153,22 @@ def main(
         bundles: which bundles to run.
         n_cases: phantom cases per dataset.
         seed: phantom seed.
-        epochs: training epochs; default: the bundle's ``cpu_demo.json`` value.
+        label_ratio: fraction of the training cases with labels (``phantoms.datalist``); the others are the
+            unlabelled data of the semi-supervised terms.
+        iterations: training iterations per bundle (default :data:`ITERATIONS`), in epochs of 20 iterations.
+        parallel: run the bundles at the same time, one thread each (``OMP_NUM_THREADS=1``: two processes with
+            several threads each slow each other down on a small machine); else one after the other with the
+            default threads.
     """
     out = (REPO / out_dir).resolve() if not Path(out_dir).is_absolute() else Path(out_dir)
     t0 = time.time()
-    summary = {}
-    jobs = {"ceds_mediastinum": (ceds, phantoms.mediastinal_ct, "mediastinal_ct"),
-            "cdugjl_liver": (liver, phantoms.liver_mri, "liver_mri")}
-    for bundle in bundles:
-        job, generate, name = jobs[bundle]
-        data_dir = out / "data" / name
-        if not (data_dir / "dataset.json").exists():
-            print(f"[data] generating {n_cases} phantom cases ({name}) in {data_dir} ...", flush=True)
-            generate(str(data_dir), n_cases=n_cases, seed=seed)
-        for ratio in (0.2, 1.0):
-            phantoms.datalist(str(data_dir), label_ratio=ratio, seed=seed)
-        train = {} if epochs is None else {"epochs": epochs}
-        summary[bundle] = job(out / bundle, data_dir, **train)
+    iterations = {**ITERATIONS, **(iterations or {})}
+    workers = len(bundles) if parallel else 1
+    threads = 1 if workers > 1 else None
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {b: pool.submit(_bundle_job, b, out, n_cases, seed, label_ratio, threads, iterations[b])
+                   for b in bundles}
+        summary = {b: f.result() for b, f in futures.items()}
     print(f"\nQuick start finished in {(time.time() - t0) / 60:.1f} min.")
     report(summary)
 

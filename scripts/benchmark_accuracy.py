@@ -109,14 +109,13 @@ PROFILES = {
         "cdugjl_liver": BundleProfile(
             data={"n_cases": 40},
             overlays=("cpu_demo.json",),
-            train={"epochs": 30, "epoch_length": 20, "val_interval": 30, "checkpoint_interval": 10},
+            train={"epochs": 40, "epoch_length": 20, "val_interval": 4, "checkpoint_interval": 10},
         ),
         "ceds_mediastinum": BundleProfile(
             data={"n_cases": 40},
             overlays=("cpu_demo.json",),
-            train={"pixdim": [1.5, 1.5, 2.0], "learning_rate": 0.03, "min_learning_rate": 0.003, "epochs": 15,
-                   "epoch_length": 20, "val_interval": 15, "warmup": 1 / 3, "confidence_interval": 1 / 3,
-                   "confidence_length": 1 / 15, "checkpoint_interval": 5},
+            train={"epochs": 40, "epoch_length": 20, "val_interval": 4, "warmup": 1 / 3, "confidence_interval": 1 / 3,
+                   "confidence_length": 1 / 15, "checkpoint_interval": 10},
         ),
     },
     # a smoke test of the whole pipeline (tests/test_benchmark.py), seconds per run; its numbers mean nothing
@@ -170,6 +169,16 @@ def _run_logged(cmd: list[str], log: Path, threads: int) -> float:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"exit {proc.returncode}: {log}\n{tail}")
     return time.time() - start
+
+
+def validation_curve(train_log: Path, epoch_length: int) -> list[list[float]]:
+    """``[[iteration, value], ...]``: the key validation metric a training log reports after each validation.
+
+    MONAI's ``StatsHandler`` logs ``Epoch[N] Metrics -- <name>: <value>`` after each validation of epoch ``N``; the
+    iteration is ``N * epoch_length``.
+    """
+    pattern = re.compile(r"Epoch\[(\d+)\] Metrics -- [\w]+: ([-\d.eE+naif]+)")
+    return [[int(m.group(1)) * epoch_length, float(m.group(2))] for m in pattern.finditer(train_log.read_text())]
 
 
 def _read_metrics(eval_dir: Path) -> dict[str, float]:
@@ -288,6 +297,7 @@ class Benchmark:
         cmd = _bundle_cmd(run.bundle, ["train.json", *prof.overlays], train)
         record["seconds"]["train"] = _run_logged(cmd, out / "train.log", self.threads)
         record["commands"]["train"] = cmd
+        record["validation"] = validation_curve(out / "train.log", int(train.get("epoch_length") or 1))
         evaluate = {**{k: v for k, v in train.items() if k != "output_dir"}, "output_dir": out / "test", **final}
         cmd = _bundle_cmd(run.bundle, ["train.json", "evaluate.json", *prof.overlays], evaluate)
         record["seconds"]["evaluate"] = _run_logged(cmd, out / "evaluate.log", self.threads)

@@ -257,6 +257,37 @@ def plot_dice(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_validation(runs: list[dict], path: Path, method: str = "supervised") -> None:
+    """Validation Dice against training iteration of every ``method`` run (accuracy suite), one panel per bundle.
+
+    One colour per label ratio, one line per seed (the curves the runs logged: ``validation`` in the result files).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BUNDLES), figsize=(5.5 * len(BUNDLES), 4), squeeze=False)
+    colours = dict(zip(RATIOS, ("tab:red", "tab:orange", "tab:blue")))
+    for ax, bundle in zip(axes[0], BUNDLES):
+        chosen = [r for r in runs if r["bundle"] == bundle and r["suite"] == "accuracy" and r["method"] == method
+                  and r.get("validation")]
+        for ratio in RATIOS:
+            for i, run in enumerate(sorted((r for r in chosen if r["ratio"] == ratio), key=lambda r: r["seed"])):
+                x, y = zip(*run["validation"])
+                ax.plot(x, y, marker=".", color=colours[ratio], alpha=0.8, label=f"{ratio} % labels" if not i else None)
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel(f"validation Dice ({method}; one line per seed)")
+        ax.set_ylim(0, 1)
+        ax.set_title(bundle)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     """Replace the generated block ``name`` of a markdown document (markers kept); the block must exist."""
     pattern = re.compile(rf"(<!-- begin:{re.escape(name)} -->\n).*?(<!-- end:{re.escape(name)} -->)", re.S)
@@ -290,6 +321,7 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
                "gap_recovered": {b: gap_recovered(rows, b) for b in BUNDLES}}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_dice(rows, Path(doc).parent / "benchmarks" / f"dice_vs_label_ratio_{profile}.png")
+    plot_validation(runs, Path(doc).parent / "benchmarks" / f"validation_dice_{profile}.png")
 
     head = _fence(ACCURACY_COMMAND.format(profile=profile) + "\n" + REPORT_COMMAND.format(profile=profile))
     text = Path(doc).read_text()

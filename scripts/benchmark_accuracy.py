@@ -23,6 +23,7 @@ Profiles:
 Usage:
     python scripts/benchmark_accuracy.py run --profile cpu [--bundles "['ceds_mediastinum','cdugjl_liver']"]
         [--suites "['accuracy','ablation']"] [--seeds "[0,1,2]"] [--workers 2]
+    python scripts/benchmark_accuracy.py teachers --profile cpu [--ratios "[10,100]"] [--seeds "[0]"]
     python scripts/benchmark_accuracy.py status --profile cpu
 """
 
@@ -271,8 +272,9 @@ class Benchmark:
                              "seed": seed, **prof.train, **prof.teacher}
                 cmd = _bundle_cmd("cdugjl_liver", ["train_teacher.json", *prof.overlays], overrides)
                 seconds = _run_logged(cmd, out / "train.log", self.threads)
+                curve = validation_curve(out / "train.log", int(overrides.get("epoch_length") or 1))
                 done.write_text(json.dumps({"seconds": seconds, "command": [str(c) for c in cmd],
-                                            "profile_settings": settings}, indent=1))
+                                            "validation": curve, "profile_settings": settings}, indent=1))
             info = json.loads(done.read_text())
         return ckpt, info["seconds"], info["command"]
 
@@ -352,6 +354,8 @@ def run(
 
     def one(r: Run) -> None:
         nonlocal failed
+        if bench.finished(r):  # done meanwhile by another sitting
+            return
         t0 = time.time()
         try:
             rec = bench.execute(r)
@@ -369,6 +373,32 @@ def run(
     return failed
 
 
+def teachers(
+    profile: str = "cpu",
+    ratios: list[int] = RATIOS,
+    seeds: list[int] = (0, 1, 2),
+    results_dir: str = str(RESULTS_DIR),
+    work_dir: str = str(WORK_DIR),
+    threads: int = 1,
+) -> None:
+    """Train (or reuse) the liver's contrast-enhanced teachers and compare them with the supervised students.
+
+    Prints, per label ratio and seed, the final validation Dice of the teacher (CE phases, the labelled subset) and
+    of the supervised non-contrast student of the same subset (its result file, if it is finished): the teacher
+    must be the better of the two for the distillation to carry anything.
+    """
+    bench = Benchmark(profile, Path(results_dir), Path(work_dir), threads)
+    bench.data_dir("cdugjl_liver")
+    print("ratio  seed  teacher (CE)  supervised student (T2WI + DWI)   final validation Dice")
+    for ratio in ratios:
+        for seed in seeds:
+            ckpt, _, _ = bench.teacher(ratio, seed)
+            teacher = json.loads((ckpt.parents[1] / "done.json").read_text())["validation"]
+            student = bench.result_path(Run("cdugjl_liver", "accuracy", ratio, "supervised", seed, {}))
+            curve = json.loads(student.read_text()).get("validation") if student.exists() else None
+            print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}")
+
+
 def status(profile: str = "cpu", results_dir: str = str(RESULTS_DIR)) -> None:
     """Print how many runs of each bundle and suite are finished."""
     bench = Benchmark(profile, Path(results_dir), WORK_DIR, 1)
@@ -380,4 +410,4 @@ def status(profile: str = "cpu", results_dir: str = str(RESULTS_DIR)) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "status": status})
+    fire.Fire({"run": run, "teachers": teachers, "status": status})

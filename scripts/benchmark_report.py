@@ -344,15 +344,16 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
     print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
 
 
-def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 0,
+def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 100, seed: int = 0, method: str = "supervised",
            work_dir: str = str(REPO / "outputs" / "benchmarks"), out: str = str(BENCH)) -> Path:
-    """Predict ``n_cases`` test cases with each bundle's own method and draw them side by side.
+    """Predict ``n_cases`` test cases with each bundle's network of one run and draw them side by side.
 
     Args:
         profile: benchmark profile whose checkpoints are used (from ``benchmark_accuracy.py run``).
         n_cases: test cases per bundle (rows), the first ones of the test split with a tumour.
         ratio: label ratio of the run whose checkpoint is shown.
         seed: seed of that run.
+        method: method of that run (``supervised``, ``mean_teacher`` or the bundle's own).
         work_dir: the benchmark's work folder (data and checkpoints).
         out: folder of the PNG.
 
@@ -368,7 +369,7 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 10, seed: int = 
     for bundle in BUNDLES:
         prof = ba.PROFILES[profile][bundle]
         data = bench.data_dir(bundle)
-        run_dir = bench.work / bundle / "accuracy" / f"r{ratio:03d}_{OWN_METHOD[bundle]}_s{seed}"
+        run_dir = bench.work / bundle / "accuracy" / f"r{ratio:03d}_{method}_s{seed}"
         ckpt = run_dir / "models" / ("checkpoint_model.pt" if bundle == "cdugjl_liver" else "model.pt")
         if not ckpt.exists():
             raise FileNotFoundError(f"{ckpt}: run `python scripts/benchmark_accuracy.py run --profile {profile}` first")

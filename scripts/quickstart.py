@@ -121,7 +121,7 @@ def liver(out_dir: Path, data_dir: Path, datalist: Path, threads: int | None = N
 
 JOBS = {"ceds_mediastinum": (ceds, phantoms.mediastinal_ct, "mediastinal_ct"),
         "cdugjl_liver": (liver, phantoms.liver_mri, "liver_mri")}
-ITERATIONS = {"ceds_mediastinum": 800, "cdugjl_liver": 400}
+ITERATIONS = {"ceds_mediastinum": 1100, "cdugjl_liver": 600}
 """Training iterations of each bundle (per network: the liver teacher and student get this many each)."""
 
 

@@ -225,14 +225,29 @@ def inference_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_dice(rows: list[dict], path: Path) -> None:
-    """Test Dice against label ratio, one panel per bundle, one line per method, every seed as a dot."""
+def _bundle_panels():
+    """A figure with one panel per bundle, side by side: ``(figure, axes [1, n_bundles])``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(BUNDLES), figsize=(5.5 * len(BUNDLES), 4), squeeze=False)
+    return plt.subplots(1, len(BUNDLES), figsize=(5.5 * len(BUNDLES), 4), squeeze=False)
+
+
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` to the PNG ``path`` (parent folders created) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_dice(rows: list[dict], path: Path) -> None:
+    """Test Dice against label ratio, one panel per bundle, one line per method, every seed as a dot."""
+    fig, axes = _bundle_panels()
     for ax, bundle in zip(axes[0], BUNDLES):
         acc = [r for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy"]
         for i, method in enumerate(sorted({r["method"] for r in acc}, key=_method_key)):
@@ -251,10 +266,7 @@ def plot_dice(rows: list[dict], path: Path) -> None:
         ax.set_title(bundle)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_validation(runs: list[dict], path: Path, method: str = "supervised") -> None:
@@ -262,12 +274,7 @@ def plot_validation(runs: list[dict], path: Path, method: str = "supervised") ->
 
     One colour per label ratio, one line per seed (the curves the runs logged: ``validation`` in the result files).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(BUNDLES), figsize=(5.5 * len(BUNDLES), 4), squeeze=False)
+    fig, axes = _bundle_panels()
     colours = dict(zip(RATIOS, ("tab:red", "tab:orange", "tab:blue")))
     for ax, bundle in zip(axes[0], BUNDLES):
         chosen = [r for r in runs if r["bundle"] == bundle and r["suite"] == "accuracy" and r["method"] == method
@@ -282,10 +289,7 @@ def plot_validation(runs: list[dict], path: Path, method: str = "supervised") ->
         ax.set_title(bundle)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -107,6 +107,7 @@ from typing import Any
 import fire
 import phantoms
 import torch
+from ignite.engine import Events
 from benchmark_accuracy import METHODS
 from bundle_imports import bundle_module, use_bundle
 
@@ -510,8 +511,6 @@ class IterationTimer:
         self._fetch = self._start = 0.0
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._fetching)
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
@@ -605,6 +604,14 @@ def build_trainer(
     return parser.get_parsed_content("train#trainer")
 
 
+def _datalists(bundles: Sequence[str], datalists: dict[str, str] | None, data_dir: str) -> dict[str, str]:
+    """``{bundle: datalist}``: the given ones, and phantom datalists in ``data_dir`` for the bundles without one."""
+    paths = dict(datalists or {})
+    if any(b not in paths for b in bundles):
+        paths = {**phantom_datalists(data_dir), **paths}
+    return {b: paths[b] for b in bundles}
+
+
 def time_iterations(
     bundle: str,
     method: str,
@@ -640,8 +647,6 @@ def time_iterations(
         # the liver student runs labelled rows and strong views in two passes: add up the passes of an iteration
         sizes["this_iteration"] += int(args[0].shape[0])
         sizes["student"] = max(sizes["student"], sizes["this_iteration"])
-
-    from ignite.engine import Events
 
     trainer.add_event_handler(Events.GET_BATCH_COMPLETED, count_labelled)
     hook = trainer.network.register_forward_pre_hook(count_student)
@@ -701,10 +706,8 @@ def iteration(
     env = environment()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = dict(datalists or {})
-        if any(b not in paths for b in bundles):
-            paths = {**phantom_datalists(data_dir or str(Path(tmp) / "data")), **paths}
-        settings["datalists"] = {b: str(paths[b]) for b in bundles}
+        paths = _datalists(bundles, datalists, data_dir or str(Path(tmp) / "data"))
+        settings["datalists"] = {b: str(p) for b, p in paths.items()}
         for bundle in bundles:
             reference = None
             chosen = [m for m in ITERATION_METHODS[bundle] if m == "supervised" or methods is None or m in methods]
@@ -752,7 +755,6 @@ class IterationProfiler:
         self._forward = 0.0
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
         from monai.engines.utils import IterationEvents
 
         for event, mark in ((Events.GET_BATCH_STARTED, "fetch"), (Events.GET_BATCH_COMPLETED, "fetched"),
@@ -862,18 +864,14 @@ def profile(
     Returns:
         the path of the JSON result (``profile[_<tag>].json``).
     """
-    from ignite.engine import Events
-
     _set_threads(threads)
-    settings = {k: v for k, v in locals().items() if k not in ("out_dir", "tag", "Events")}
+    settings = {k: v for k, v in locals().items() if k not in ("out_dir", "tag")}
     settings.update(bundles=list(bundles), methods=list(methods))
     env = environment()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = dict(datalists or {})
-        if any(b not in paths for b in bundles):
-            paths = {**phantom_datalists(data_dir or str(Path(tmp) / "data")), **paths}
-        settings["datalists"] = {b: str(paths[b]) for b in bundles}
+        paths = _datalists(bundles, datalists, data_dir or str(Path(tmp) / "data"))
+        settings["datalists"] = {b: str(p) for b, p in paths.items()}
         for bundle in bundles:
             for method in methods:
                 trainer = build_trainer(bundle, method, paths[bundle], tmp, warmup + iterations, seed,

@@ -160,3 +160,29 @@ def test_iteration_liver_full_cdugjl(liver_data, tmp_path):
     assert list(rows) == ["supervised", "cdugjl"]
     assert rows["supervised"]["unlabelled_batch"] == 0 and rows["cdugjl"]["unlabelled_batch"] > 0
     assert _positive_finite(rows["cdugjl"]["ratio"])
+
+
+@pytest.mark.integration
+def test_profile_splits_an_iteration_into_phases(ct_data, liver_data, tmp_path):
+    path = bench.profile(
+        iterations=2,
+        warmup=1,
+        datalists={"ceds_mediastinum": str(ct_data / "datalist_20.json"),
+                   "cdugjl_liver": str(liver_data / "datalist_20.json")},
+        overrides={"ceds_mediastinum": {"num_samples": 1}, "cdugjl_liver": {"roi_size": [32, 32], "num_samples": 1}},
+        out_dir=str(tmp_path),
+    )
+    rows = {r["bundle"]: r for r in _load(path, "profile")["rows"]}
+    assert set(rows) == {"ceds_mediastinum", "cdugjl_liver"}
+    for bundle, row in rows.items():
+        assert row["method"] == "supervised" and row["batch_shape"][0] >= 1
+        for phase in bench.IterationProfiler.PHASES:
+            times = row["phase_times_s"][phase]
+            assert len(times) == 2 and all(t >= 0 for t in times), (bundle, phase, times)
+        # the phases tile the iteration: their per-iteration sums are the steps whose median is step_s
+        sums = sorted(sum(row["phase_times_s"][p][i] for p in bench.IterationProfiler.PHASES) for i in range(2))
+        assert row["step_s"] == pytest.approx(sum(sums) / 2)
+        for key in ("forward_s", "backward_s", "step_s", "network_s", "step_ratio"):
+            assert _positive_finite(row[key]), (bundle, key, row[key])
+        assert 0 <= row["data_share"] < 1
+        assert row["forward_s"] + row["backward_s"] <= row["step_s"]

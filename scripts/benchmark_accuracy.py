@@ -25,6 +25,8 @@ Usage:
         [--suites "['accuracy','ablation']"] [--seeds "[0,1,2]"] [--workers 2]
     python scripts/benchmark_accuracy.py teachers --profile cpu [--ratios "[10,100]"] [--seeds "[0]"]
     python scripts/benchmark_accuracy.py status --profile cpu
+    python scripts/benchmark_accuracy.py trial --bundle cdugjl_liver --name c1 --ratio 10 \
+        --phantom "{'conspicuity': [1, 1]}"       # validation split only: how settings are chosen
 """
 
 from __future__ import annotations
@@ -205,12 +207,22 @@ class Run:
 
 
 class Benchmark:
-    """Plans, runs and skips the runs of one profile."""
+    """Plans, runs and skips the runs of one profile.
 
-    def __init__(self, profile: str, results_dir: Path, work_dir: Path, threads: int) -> None:
+    Args:
+        profile: a key of :data:`PROFILES`.
+        results_dir: the per-run JSON files go to ``<results_dir>/<profile>/``.
+        work_dir: data, checkpoints and logs go to ``<work_dir>/<profile>/``.
+        threads: ``OMP_NUM_THREADS`` of each run.
+        settings: ``{bundle: BundleProfile}`` to use instead of the profile's (trials with other settings).
+    """
+
+    def __init__(self, profile: str, results_dir: Path, work_dir: Path, threads: int,
+                 settings: dict[str, BundleProfile] | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
         self.profile = profile
+        self.profiles = {**PROFILES[profile], **(settings or {})}
         self.results = Path(results_dir) / profile
         self.work = Path(work_dir) / profile
         self.threads = threads
@@ -236,7 +248,7 @@ class Benchmark:
 
     def settings(self, bundle: str) -> dict:
         """The bundle's profile settings as recorded in every result (JSON types)."""
-        return json.loads(json.dumps(asdict(PROFILES[self.profile][bundle])))
+        return json.loads(json.dumps(asdict(self.profiles[bundle])))
 
     def finished(self, run: Run) -> bool:
         """Whether ``run`` has a result made with the current profile settings (a changed profile reruns it)."""
@@ -247,7 +259,7 @@ class Benchmark:
         """Generate (once) the bundle's phantom dataset and its 10/20/100 % datalists."""
         folder = self.work / "data" / bundle
         if not all((folder / f"datalist_{r}.json").exists() for r in RATIOS):
-            _phantom_generator(bundle)(out_dir=str(folder), seed=0, **PROFILES[self.profile][bundle].data)
+            _phantom_generator(bundle)(out_dir=str(folder), seed=0, **self.profiles[bundle].data)
             for r in RATIOS:
                 phantoms.datalist(str(folder), label_ratio=r / 100, seed=0)
         return folder
@@ -267,7 +279,7 @@ class Benchmark:
         settings = self.settings("cdugjl_liver")
         with lock:
             if not done.exists() or json.loads(done.read_text()).get("profile_settings") != settings:
-                prof = PROFILES[self.profile]["cdugjl_liver"]
+                prof = self.profiles["cdugjl_liver"]
                 overrides = {**self._common("cdugjl_liver", ratio, out), "output_dir": out / "train",
                              "seed": seed, **prof.train, **prof.teacher}
                 cmd = _bundle_cmd("cdugjl_liver", ["train_teacher.json", *prof.overlays], overrides)
@@ -278,9 +290,10 @@ class Benchmark:
             info = json.loads(done.read_text())
         return ckpt, info["seconds"], info["command"]
 
-    def execute(self, run: Run) -> dict:
-        """Train (and for the liver method, first its teacher), evaluate the final checkpoint on the test split."""
-        prof = PROFILES[self.profile][run.bundle]
+    def execute(self, run: Run, evaluate: bool = True) -> dict:
+        """Train (and for the liver method, first its teacher), evaluate the final checkpoint on the test split
+        (unless ``evaluate`` is false: a trial judged on its validation curve only)."""
+        prof = self.profiles[run.bundle]
         out = self.work / run.bundle / run.suite / run.name
         common = self._common(run.bundle, run.ratio, out)
         record = {"bundle": run.bundle, "suite": run.suite, "ratio": run.ratio, "method": run.method,
@@ -300,11 +313,12 @@ class Benchmark:
         record["seconds"]["train"] = _run_logged(cmd, out / "train.log", self.threads)
         record["commands"]["train"] = cmd
         record["validation"] = validation_curve(out / "train.log", int(train.get("epoch_length") or 1))
-        evaluate = {**{k: v for k, v in train.items() if k != "output_dir"}, "output_dir": out / "test", **final}
-        cmd = _bundle_cmd(run.bundle, ["train.json", "evaluate.json", *prof.overlays], evaluate)
-        record["seconds"]["evaluate"] = _run_logged(cmd, out / "evaluate.log", self.threads)
-        record["commands"]["evaluate"] = cmd
-        record["metrics"] = _read_metrics(out / "test")
+        if evaluate:
+            test = {**{k: v for k, v in train.items() if k != "output_dir"}, "output_dir": out / "test", **final}
+            cmd = _bundle_cmd(run.bundle, ["train.json", "evaluate.json", *prof.overlays], test)
+            record["seconds"]["evaluate"] = _run_logged(cmd, out / "evaluate.log", self.threads)
+            record["commands"]["evaluate"] = cmd
+            record["metrics"] = _read_metrics(out / "test")
         record["commands"] = {k: [str(c) for c in v] for k, v in record["commands"].items()}
         path = self.result_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,6 +413,52 @@ def teachers(
             print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}")
 
 
+def trial(
+    bundle: str,
+    name: str,
+    ratio: int = 100,
+    seed: int = 0,
+    method: str = "supervised",
+    phantom: dict | None = None,
+    train: dict | None = None,
+    profile: str = "cpu",
+    threads: int = 1,
+    work_dir: str = str(WORK_DIR),
+) -> list[list[float]]:
+    """One run of the profile with other phantom or training settings, judged on the validation split only.
+
+    This is how phantom difficulty and profile settings are chosen: the test split is never evaluated. The data
+    (the profile's phantom arguments updated by ``phantom``) and the run go to ``<work_dir>/trials/<name>/<profile>/``;
+    runs of one ``name`` share their data. The record (validation curve, commands, seconds, settings) is written to
+    ``<work_dir>/trials/<name>/<profile>/<bundle>/trial/<run>.json``.
+
+    Args:
+        bundle: the bundle.
+        name: the trial's folder (one per phantom setting).
+        ratio: label ratio in percent (10, 20 or 100).
+        seed: training seed.
+        method: a key of ``METHODS[bundle]``.
+        phantom: phantom arguments to change, e.g. ``{"conspicuity": [1, 1]}``.
+        train: training overrides to change, e.g. ``{"epochs": 80}``.
+        profile: the profile the trial starts from.
+        threads: ``OMP_NUM_THREADS`` of the run.
+        work_dir: the benchmark's work folder.
+
+    Returns:
+        the validation curve, ``[[iteration, validation Dice], ...]``.
+    """
+    base = PROFILES[profile][bundle]
+    settings = BundleProfile(data={**base.data, **(phantom or {})}, overlays=base.overlays,
+                             train={**base.train, **(train or {})}, teacher=base.teacher)
+    folder = Path(work_dir) / "trials" / name
+    bench = Benchmark(profile, folder, folder, threads, {bundle: settings})
+    run = Run(bundle, "trial", int(ratio), method, int(seed), METHODS[bundle][method])
+    record = bench.execute(run, evaluate=False)
+    print(f"{name} {bundle} {run.name}: validation Dice "
+          + " ".join(f"{v:.3f}@{int(i)}" for i, v in record["validation"]), flush=True)
+    return record["validation"]
+
+
 def status(profile: str = "cpu", results_dir: str = str(RESULTS_DIR)) -> None:
     """Print how many runs of each bundle and suite are finished."""
     bench = Benchmark(profile, Path(results_dir), WORK_DIR, 1)
@@ -410,4 +470,4 @@ def status(profile: str = "cpu", results_dir: str = str(RESULTS_DIR)) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "teachers": teachers, "status": status})
+    fire.Fire({"run": run, "teachers": teachers, "trial": trial, "status": status})

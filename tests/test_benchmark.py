@@ -94,3 +94,21 @@ def test_tiny_profile_runs_resumes_and_reports(tmp_path):
     summary = json.loads((results / "summary.json").read_text())
     assert {(r["ratio"], r["method"]) for r in summary["accuracy"]} == {(10, "supervised"), (10, "ceds")}
     assert (results / "accuracy_tiny_summary.csv").read_text().startswith("bundle,")
+
+
+@pytest.mark.integration
+def test_trial_changes_the_phantom_and_never_reads_the_test_split(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_accuracy.py"), "trial", "--bundle", "cdugjl_liver",
+           "--name", "bright", "--profile", "tiny", "--phantom", "{'conspicuity': [1.5, 1.5]}",
+           "--train", "{'epochs': 2}", "--work_dir", str(tmp_path)]
+    proc = run_cmd(cmd, cwd=tmp_path, timeout=600, env=ENV)
+    folder = tmp_path / "trials" / "bright" / "tiny"
+    generator = json.loads((folder / "data" / "cdugjl_liver" / "dataset.json").read_text())["generator"]
+    assert generator["conspicuity"] == [1.5, 1.5]
+    record = json.loads((folder / "cdugjl_liver" / "trial" / "r100_supervised_s0.json").read_text())
+    assert record["profile_settings"]["data"]["conspicuity"] == [1.5, 1.5]
+    assert record["profile_settings"]["train"]["epochs"] == 2
+    assert [i for i, _ in record["validation"]] == [2, 4]  # tiny: epoch_length 2, validation every epoch
+    assert "metrics" not in record and "evaluate" not in record["commands"]
+    assert not (folder / "cdugjl_liver" / "trial" / "r100_supervised_s0" / "test").exists()
+    assert "bright cdugjl_liver r100_supervised_s0: validation Dice" in proc.stdout

@@ -31,10 +31,12 @@ Usage:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -148,6 +150,14 @@ def _phantom_generator(bundle: str):
     return phantoms.liver_mri if bundle == "cdugjl_liver" else phantoms.mediastinal_ct
 
 
+def phantom_arguments(bundle: str, data: dict) -> dict:
+    """Every argument the bundle's phantom generator runs with: its defaults updated by ``data``, data seed 0 (JSON
+    types), so that a changed generator default counts as a changed profile."""
+    parameters = inspect.signature(_phantom_generator(bundle)).parameters.items()
+    defaults = {k: p.default for k, p in parameters if k != "out_dir" and p.default is not inspect.Parameter.empty}
+    return json.loads(json.dumps({**defaults, **data, "seed": 0}))
+
+
 def _bundle_cmd(bundle: str, configs: list[str], overrides: dict) -> list[str]:
     root = REPO / "bundles" / bundle
     files = [str(root / "configs" / c) for c in configs]
@@ -247,8 +257,9 @@ class Benchmark:
         return self.results / run.bundle / run.suite / f"{run.name}.json"
 
     def settings(self, bundle: str) -> dict:
-        """The bundle's profile settings as recorded in every result (JSON types)."""
-        return json.loads(json.dumps(asdict(self.profiles[bundle])))
+        """The bundle's profile settings and phantom arguments as recorded in every result (JSON types)."""
+        profile = self.profiles[bundle]
+        return {**json.loads(json.dumps(asdict(profile))), "phantom": phantom_arguments(bundle, profile.data)}
 
     def finished(self, run: Run) -> bool:
         """Whether ``run`` has a result made with the current profile settings (a changed profile reruns it)."""
@@ -256,10 +267,16 @@ class Benchmark:
         return path.exists() and json.loads(path.read_text()).get("profile_settings") == self.settings(run.bundle)
 
     def data_dir(self, bundle: str) -> Path:
-        """Generate (once) the bundle's phantom dataset and its 10/20/100 % datalists."""
+        """Generate the bundle's phantom dataset and its 10/20/100 % datalists, again when its phantom arguments
+        changed."""
         folder = self.work / "data" / bundle
-        if not all((folder / f"datalist_{r}.json").exists() for r in RATIOS):
-            _phantom_generator(bundle)(out_dir=str(folder), seed=0, **self.profiles[bundle].data)
+        wanted = phantom_arguments(bundle, self.profiles[bundle].data)
+        recorded = folder / "dataset.json"
+        made = json.loads(recorded.read_text()).get("generator", {}) if recorded.exists() else {}
+        same = bool(made) and all(wanted.get(k) == v for k, v in made.items() if k in wanted)
+        if not same or not all((folder / f"datalist_{r}.json").exists() for r in RATIOS):
+            shutil.rmtree(folder, ignore_errors=True)
+            _phantom_generator(bundle)(out_dir=str(folder), **wanted)
             for r in RATIOS:
                 phantoms.datalist(str(folder), label_ratio=r / 100, seed=0)
         return folder

@@ -22,6 +22,11 @@ def consistency():
 
 
 @pytest.fixture(scope="module")
+def mean_teacher():
+    return bundle_module("cdugjl_liver", "mean_teacher")
+
+
+@pytest.fixture(scope="module")
 def trainer():
     return bundle_module("cdugjl_liver", "trainer")
 
@@ -180,10 +185,7 @@ def test_load_teacher(distillation, tmp_path):
 # ---------------------------------------------------------------------------------------------- consistency
 
 
-def test_sigmoid_rampup_and_kept_fraction(consistency):
-    assert consistency.sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
-    assert consistency.sigmoid_rampup(10, 10) == 1.0 and consistency.sigmoid_rampup(25, 10) == 1.0
-    assert consistency.sigmoid_rampup(3, 0) == 1.0
+def test_kept_fraction(consistency):
     values = [consistency.kept_fraction(t, 10) for t in range(12)]
     assert values == sorted(values)
     assert values[0] == pytest.approx(0.75 + 0.25 * math.exp(-5)) and values[-1] == pytest.approx(1.0)
@@ -219,30 +221,6 @@ def test_consistency_mask_drops_uncertain_voxels(consistency):
     assert everything.item() > 0.1
     # keeping every voxel equals the unmasked loss
     torch.testing.assert_close(consistency.UncertaintyConsistencyLoss()(student, teacher, fraction=1.0), everything)
-
-
-def test_ema_network_and_handler(consistency):
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    ema = consistency.ema_network(net, decay=0.9)
-    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
-    handler = consistency.EMAUpdateHandler(ema, net)
-    with torch.no_grad():
-        net[0].weight.fill_(1.0)
-    handler(None)  # first update: copy
-    torch.testing.assert_close(ema.module[0].weight, torch.ones(2, 2))
-    # warm-up: the k-th later update has decay min(1 - 1 / (k + 1), 0.9), the running mean of the students at first
-    expected = 1.0
-    for k, value in enumerate((3.0, 5.0, 2.0, 7.0, 4.0, 6.0, 8.0, 1.0, 9.0, 3.0, 5.0), start=1):
-        with torch.no_grad():
-            net[0].weight.fill_(value)
-        handler(None)
-        decay = min(1.0 - 1.0 / (k + 1), 0.9)
-        expected = decay * expected + (1.0 - decay) * value
-        torch.testing.assert_close(ema.module[0].weight, torch.full((2, 2), expected))
-    assert decay == 0.9  # the warm-up is over
-    assert ema.module[1].num_batches_tracked == net[1].num_batches_tracked
-    wrapped = torch.nn.DataParallel(net)
-    assert consistency.unwrap(wrapped) is net
 
 
 # ---------------------------------------------------------------------------------------------- training loss
@@ -373,18 +351,10 @@ class _Records(torch.utils.data.Dataset):
         return {k: torch.full((sizes[k], 32, 32), float(i)) for k in self.keys}
 
 
-def test_unlabeled_stream_cycles_and_empty_disables(trainer):
-    stream = trainer.UnlabeledStream(_Records(3), batch_size=2, shuffle=False)
-    firsts = [stream.next()["image"][:, 0, 0, 0].tolist() for _ in range(4)]
-    assert firsts == [[0, 1], [2], [0, 1], [2]]
-    empty = trainer.UnlabeledStream(_Records(0))
-    assert not empty and empty.next() is None
-
-
-def test_prepare_batch_concatenates_and_runs_teachers(trainer, consistency, caplog):
+def test_prepare_batch_concatenates_and_runs_teachers(trainer, mean_teacher, caplog):
     student, teacher = _tiny_net(2), _tiny_net(3).eval()
-    ema = consistency.ema_network(student)
-    stream = trainer.UnlabeledStream(_Records(2), batch_size=2, shuffle=False)
+    ema = mean_teacher.ema_network(student)
+    stream = mean_teacher.UnlabeledStream(_Records(2), batch_size=2, shuffle=False)
     prepare = trainer.SemiSupervisedPrepareBatch(stream, teacher, ema)
     labelled = {**_targets(3), "image": torch.randn(3, 2, 32, 32), "ce": torch.randn(3, 3, 32, 32)}
     inputs, targets, args, kwargs = prepare(labelled, "cpu")

@@ -172,7 +172,8 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
     assert_same(ckpt["trainer"], {**restored["trainer"], "max_epochs": ckpt["trainer"]["max_epochs"]}, "trainer")
     assert restored["trainer"]["iteration"] == saved * restored["trainer"]["epoch_length"]
     assert restored["trainer"]["max_epochs"] == epochs
-    assert any(not torch.equal(ckpt["teacher"][k], ckpt["network"][k]) for k in ckpt["network"])  # a real EMA
+    assert int(ckpt["teacher"]["n_averaged"]) == 6 * saved  # an AveragedModel, updated in the 6 semi iterations of 8
+    assert any(not torch.equal(ckpt["teacher"]["module." + k], v) for k, v in ckpt["network"].items())  # a real EMA
     assert ckpt["optimizer"]["state"] and ckpt["confidence_optimizer"]["state"]  # both optimisers stepped
 
     final = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)

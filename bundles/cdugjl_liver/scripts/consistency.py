@@ -1,6 +1,7 @@
 """Uncertainty-guided mean-teacher consistency (after UA-MT, Yu et al., MICCAI 2019, with evidential uncertainty).
 
-An exponential moving average (EMA) of the student (:func:`ema_network`, updated by :class:`EMAUpdateHandler`)
+An exponential moving average (EMA) of the student (:func:`scripts.mean_teacher.ema_network`, updated by
+:class:`scripts.mean_teacher.EMAUpdateHandler`)
 predicts on a weakly augmented view of an unlabelled slice; the student predicts on a strongly augmented view of the
 same slice (the spatial transforms are shared, only the intensity transforms differ, so voxels correspond). The
 student's expected probabilities are pulled towards the EMA's only on the EMA's least uncertain voxels, by its
@@ -8,41 +9,19 @@ evidential uncertainty ``u = K / S`` (vacuity of its Dirichlet, in ``(0, 1]``). 
 dropout samples) keeps the voxels below an absolute threshold that rises over training; the range of ``u`` depends on
 how much evidence the network has learnt to output, so here the ramp (:func:`kept_fraction`) sets the fraction of the
 voxels of each predicted class that is kept instead (:func:`uncertainty_mask`). The weight of the term ramps up with
-:func:`sigmoid_rampup`.
+:func:`scripts.mean_teacher.sigmoid_rampup`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn as nn
-from ignite.engine import Engine, Events
-from torch.optim.swa_utils import AveragedModel
 
-__all__ = [
-    "EMAUpdateHandler",
-    "UncertaintyConsistencyLoss",
-    "ema_network",
-    "ema_warmup_avg_fn",
-    "kept_fraction",
-    "sigmoid_rampup",
-    "uncertainty_mask",
-    "unwrap",
-]
+from .mean_teacher import sigmoid_rampup
 
-
-def sigmoid_rampup(current: float, length: float) -> float:
-    """The "sigmoid-shaped" ramp of Laine & Aila / UA-MT: ``exp(-5 (1 - t)^2)``, ``t = clip(current / length, 0, 1)``.
-
-    ``length <= 0`` gives 1 (no ramp).
-    """
-    if length <= 0:
-        return 1.0
-    t = min(max(current / length, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
+__all__ = ["UncertaintyConsistencyLoss", "kept_fraction", "uncertainty_mask"]
 
 
 def kept_fraction(current: float, length: float, start: float = 0.75) -> float:
@@ -115,63 +94,3 @@ class UncertaintyConsistencyLoss(nn.Module):
             return squared.mean()
         mask = uncertainty_mask(teacher_alpha, fraction)
         return (squared * mask).sum() / mask.sum()
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (the network itself otherwise)."""
-    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
-
-
-def ema_warmup_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
-    """``multi_avg_fn`` of ``AveragedModel`` for an EMA with the warm-up of the mean-teacher codebases.
-
-    The ``k``-th update after the first (``num_averaged = k``) does ``ema = d ema + (1 - d) w`` with
-    ``d = min(1 - 1 / (k + 1), decay)``: the EMA is the plain average of the first students, so that it does not keep
-    a large share of the near-random first weights (a fixed 0.99 still holds 37 % of them after 100 updates).
-    Integer buffers are copied from the student.
-
-    Args:
-        decay: the decay after the warm-up.
-    """
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
-        if not averaged[0].is_floating_point():  # integer buffers (batch-norm counters) follow the student
-            torch._foreach_copy_(averaged, current)
-            return
-        k = int(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(1.0 - 1.0 / (k + 1), decay))
-
-    return update
-
-
-def ema_network(network: nn.Module, decay: float = 0.99) -> AveragedModel:
-    """An EMA copy of the (unwrapped) student: ``torch.optim.swa_utils.AveragedModel`` with
-    :func:`ema_warmup_avg_fn`, averaging the batch-norm buffers too, in ``eval()`` mode, without gradients.
-
-    The first :meth:`~torch.optim.swa_utils.AveragedModel.update_parameters` copies the student (so weights loaded
-    after this call, e.g. a pretrained ``model.pt``, are picked up); the ``k``-th later one does
-    ``ema = d ema + (1 - d) w`` with ``d = min(1 - 1 / (k + 1), decay)``.
-    """
-    ema = AveragedModel(unwrap(network), multi_avg_fn=ema_warmup_avg_fn(decay), use_buffers=True)
-    return ema.eval().requires_grad_(False)
-
-
-class EMAUpdateHandler:
-    """Updates an EMA copy (:func:`ema_network`) from the student after every optimiser step.
-
-    Args:
-        ema: the ``AveragedModel``.
-        network: the student (possibly DDP-wrapped); default: the engine's ``network``.
-    """
-
-    def __init__(self, ema: AveragedModel, network: nn.Module | None = None) -> None:
-        self.ema = ema
-        self.network = network
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
-        self.ema.update_parameters(unwrap(network))

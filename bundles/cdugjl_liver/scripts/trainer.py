@@ -7,7 +7,7 @@ terms as a weighted sum (each weight a config key; 0 disables a term).
 Semi-supervised training (``configs/train.json``) keeps ``SupervisedTrainer`` and its iteration and changes what
 goes in and out of it:
 
-* :class:`SemiSupervisedPrepareBatch` draws an unlabelled batch (:class:`UnlabeledStream`) for every labelled one,
+* :class:`SemiSupervisedPrepareBatch` draws an unlabelled batch (:class:`scripts.mean_teacher.UnlabeledStream`) for every labelled one,
   runs the frozen contrast-enhanced teacher on the CE phases and the EMA student on the weak view (no gradients),
   and gives the trainer the student's input ``cat([labelled image, unlabelled strong view])`` with those outputs
   as targets;
@@ -17,14 +17,14 @@ goes in and out of it:
 * :class:`SemiSupervisedLoss` splits the student's outputs again and adds the distillation
   (:mod:`scripts.distillation`) and consistency (:mod:`scripts.consistency`) terms to the supervised ones;
 * :class:`RunProgressHandler` gives the loss the run's progress (KL annealing, ramps: fractions of the run),
-  :class:`scripts.consistency.EMAUpdateHandler` updates the EMA after each step, and
+  :class:`scripts.mean_teacher.EMAUpdateHandler` updates the EMA after each step, and
   :class:`AllReduceGradientsHandler` averages the gradients of the loss's own trainable heads across processes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,11 +33,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.data import DataLoader, MetaTensor
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.inferers import Inferer
 
-from .consistency import UncertaintyConsistencyLoss, kept_fraction, sigmoid_rampup
+from .consistency import UncertaintyConsistencyLoss, kept_fraction
 from .distillation import (
     DirichletKLLoss,
     FeatureDistillationLoss,
@@ -47,6 +47,7 @@ from .distillation import (
 )
 from .edge import boundary_map
 from .evidential import DirichletLoss, NIGLoss
+from .mean_teacher import UnlabeledStream, sigmoid_rampup
 from .networks import field_of_view_scale
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "RunProgressHandler",
     "SemiSupervisedLoss",
     "SemiSupervisedPrepareBatch",
-    "UnlabeledStream",
     "slice_spacing",
 ]
 
@@ -256,64 +256,6 @@ class AllReduceGradientsHandler:
             param.grad /= world
 
 
-class UnlabeledStream:
-    """An endless source of unlabelled batches, drawn alongside the labelled data loader.
-
-    Wraps a ``monai.data.DataLoader``; when it is exhausted it starts again (calling ``sampler.set_epoch`` with
-    a pass counter, for ``DistributedSampler``). An empty dataset disables the stream: :meth:`next` returns
-    ``None`` (supervised-only training, or MONAI Label with its labelled records only).
-
-    Args:
-        dataset: the unlabelled dataset.
-        batch_size: volumes per batch (each gives ``num_samples`` slices with the bundle's transforms).
-        shuffle: shuffle when no ``sampler`` is given.
-        sampler: e.g. a ``DistributedSampler`` (multi-GPU).
-        num_workers: data loader workers.
-        kwargs: further ``DataLoader`` arguments.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int = 1,
-        shuffle: bool = True,
-        sampler: Any = None,
-        num_workers: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        self.loader = None
-        if len(dataset) > 0:
-            self.loader = DataLoader(
-                dataset,
-                batch_size=batch_size,
-                shuffle=shuffle and sampler is None,
-                sampler=sampler,
-                num_workers=num_workers,
-                **kwargs,
-            )
-        self._iterator: Iterable | None = None
-        self._passes = 0
-
-    def __bool__(self) -> bool:
-        return self.loader is not None
-
-    def next(self) -> Any:
-        """The next unlabelled batch, or ``None`` for an empty dataset."""
-        if self.loader is None:
-            return None
-        if self._iterator is not None:
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                pass
-        sampler = self.loader.sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self._passes)
-        self._passes += 1
-        self._iterator = iter(self.loader)
-        return next(self._iterator)
-
-
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
@@ -336,10 +278,10 @@ class SemiSupervisedPrepareBatch(MultiTaskPrepareBatch):
     unlabelled stream must be homogeneous (all records with ``image_ce``, or none), as batches are collated.
 
     Args:
-        unlabeled: the :class:`UnlabeledStream` (or ``None``: labelled data only).
+        unlabeled: the :class:`scripts.mean_teacher.UnlabeledStream` (or ``None``: labelled data only).
         teacher: the frozen CE teacher (:class:`scripts.distillation.FrozenTeacher`), or ``None``; a teacher whose
             ``enabled`` attribute is ``False`` counts as none.
-        ema: the EMA student (:func:`scripts.consistency.ema_network`), or ``None``.
+        ema: the EMA student (:func:`scripts.mean_teacher.ema_network`), or ``None``.
         image_key: the student's input key (weak view for unlabelled batches).
         strong_key: the strongly augmented view of unlabelled batches.
         ce_key: the contrast-enhanced phases.

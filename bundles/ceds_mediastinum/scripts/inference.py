@@ -10,7 +10,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-from .trainer import unwrap
+from .mean_teacher import unwrap
 
 __all__ = ["ConfidenceEvaluator", "SegmentationWithConfidence"]
 

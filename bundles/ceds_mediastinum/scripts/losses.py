@@ -5,7 +5,6 @@
 - :func:`sharpen`: temperature sharpening of probabilities, ``P^(1/T) / (P^(1/T) + (1 - P)^(1/T))``.
 - :class:`ConfidenceMaskedConsistencyLoss`: squared error between the student's probabilities and the teacher's
   sharpened probabilities, counted only where the teacher's P(correct) exceeds a threshold.
-- :func:`sigmoid_rampup`: the consistency weight ramp ``exp(-5 (1 - t / L)^2)``.
 """
 
 from __future__ import annotations
@@ -16,21 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen", "sigmoid_rampup"]
-
-
-def sigmoid_rampup(current: float, rampup_length: float) -> float:
-    """Ramp from ``exp(-5)`` at ``current = 0`` to 1 at ``current >= rampup_length`` (Laine & Aila, 2017).
-
-    Args:
-        current: the current position, in the unit of ``rampup_length`` (:class:`scripts.trainer.CEDSTrainer`
-            passes the fraction of the run done), clipped to ``[0, rampup_length]``.
-        rampup_length: length of the ramp; ``0`` gives a constant 1.
-    """
-    if rampup_length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(current, 0.0), rampup_length) / rampup_length
-    return float(math.exp(-5.0 * phase * phase))
+__all__ = ["ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen"]
 
 
 def sharpen(prob: torch.Tensor, temperature: float) -> torch.Tensor:

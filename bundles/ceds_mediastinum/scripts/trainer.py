@@ -22,10 +22,9 @@ Without unlabelled data every iteration is a warm-up iteration (supervised train
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,44 +32,16 @@ import torch.nn as nn
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
-from torch.nn.parallel import DataParallel, DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 
-from .losses import sigmoid_rampup
+from .mean_teacher import UnlabeledStream, sigmoid_rampup, unwrap
 
-__all__ = ["MODES", "CEDSTrainer", "add_clipped_noise", "cosine_lr_lambda", "create_teacher", "ema_update", "unwrap"]
+__all__ = ["MODES", "CEDSTrainer", "add_clipped_noise", "cosine_lr_lambda"]
 
 MODES = ("ceds", "mean_teacher", "supervised")
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DataParallel``/``DistributedDataParallel`` wrapper, or ``network`` itself."""
-    return network.module if isinstance(network, (DataParallel, DistributedDataParallel)) else network
-
-
-def create_teacher(network: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``network`` (unwrapped from DDP) to serve as the EMA teacher."""
-    teacher = copy.deepcopy(unwrap(network))
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """``teacher = decay * teacher + (1 - decay) * student`` for parameters and floating-point buffers.
-
-    Integer buffers (batch-norm ``num_batches_tracked``) are copied.
-    """
-    for t, s in zip(teacher.parameters(), unwrap(student).parameters()):
-        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
-    for t, s in zip(teacher.buffers(), unwrap(student).buffers()):
-        if t.is_floating_point():
-            t.mul_(decay).add_(s, alpha=1.0 - decay)
-        else:
-            t.copy_(s)
 
 
 def add_clipped_noise(x: torch.Tensor, std: float, clip: float) -> torch.Tensor:
@@ -116,8 +87,11 @@ class CEDSTrainer(SupervisedTrainer):
             authors' code, each schedule advances only in the phases that step its optimiser.
         consistency_loss: ``(student_logits, teacher_logits, teacher_confidence_logits or None) -> scalar``
             (:class:`scripts.losses.ConfidenceMaskedConsistencyLoss`).
-        teacher: the EMA teacher, a copy of the student's module (:func:`create_teacher`).
-        unlabeled_data_loader: unlabelled data (``image`` only), cycled; ``None`` or empty: supervised training.
+        teacher: the EMA teacher (:func:`scripts.mean_teacher.ema_network`), updated after every step of the
+            ``semi`` phase; its first update copies the student, the ``k``-th later one uses the decay
+            ``min(1 - 1 / (k + 1), decay)``.
+        unlabeled: unlabelled data (``image`` only, :class:`scripts.mean_teacher.UnlabeledStream`); ``None`` or
+            empty: supervised training.
         mode: ``"ceds"``, ``"mean_teacher"`` (no confidence mask, no confidence re-training) or ``"supervised"``
             (warm-up phase in every iteration, labelled data only).
         warmup: fraction of the run's iterations, in [0, 1], that is the supervised warm-up: the first
@@ -129,8 +103,6 @@ class CEDSTrainer(SupervisedTrainer):
         confidence_length: length of each re-training window, a fraction of the run in [0, 1]:
             ``max(1, round(confidence_length * N))`` iterations, so a window shorter than one iteration still
             runs one; 0 disables the re-training. The paper's 5 of 8000 epochs is 0.000625.
-        ema_decay: EMA decay of the teacher; during the first iterations after the warm-up the decay is
-            ``min(1 - 1 / (k + 1), ema_decay)`` for the ``k``-th iteration (``k = 0`` copies the student).
         teacher_train_mode: run the teacher in training mode (dropout and batch statistics on, as the authors) or
             in eval mode.
         consistency_weight: maximum weight of the consistency loss.
@@ -164,13 +136,12 @@ class CEDSTrainer(SupervisedTrainer):
         consistency_loss: Callable,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         confidence_lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        teacher: nn.Module | None = None,
-        unlabeled_data_loader: Iterable | None = None,
+        teacher: AveragedModel | None = None,
+        unlabeled: UnlabeledStream | None = None,
         mode: str = "ceds",
         warmup: float = 0.05,
         confidence_interval: float = 0.125,
         confidence_length: float = 0.000625,
-        ema_decay: float = 0.99,
         teacher_train_mode: bool = True,
         consistency_weight: float = 1.0,
         consistency_rampup: float = 1.0,
@@ -194,8 +165,7 @@ class CEDSTrainer(SupervisedTrainer):
             loss_function=loss_function,
             **kwargs,
         )
-        has_unlabeled = unlabeled_data_loader is not None and len(unlabeled_data_loader) > 0  # type: ignore
-        if mode != "supervised" and not has_unlabeled:
+        if mode != "supervised" and not unlabeled:
             logger.warning(f"mode {mode!r} without unlabelled data: training supervised only.")
             mode = "supervised"
         if mode != "supervised" and teacher is None:
@@ -207,18 +177,15 @@ class CEDSTrainer(SupervisedTrainer):
         self.confidence_lr_scheduler = confidence_lr_scheduler
         self.consistency_loss = consistency_loss
         self.teacher = teacher
-        self.unlabeled_data_loader = unlabeled_data_loader
+        self.unlabeled = unlabeled
         self.warmup = warmup
         self.confidence_interval = confidence_interval
         self.confidence_length = confidence_length
-        self.ema_decay = ema_decay
         self.teacher_train_mode = teacher_train_mode
         self.consistency_weight = consistency_weight
         self.consistency_rampup = consistency_rampup
         self.student_noise = tuple(student_noise)
         self.teacher_noise = tuple(teacher_noise)
-        self._unlabeled_iter: Iterator | None = None
-        self._unlabeled_pass = 0
 
     def _warmup_iterations(self, total: int) -> int:
         """The number of warm-up iterations of a run of ``total`` iterations: ``round(warmup * total)``."""
@@ -250,30 +217,6 @@ class CEDSTrainer(SupervisedTrainer):
                 return "confidence"
         return "semi"
 
-    def _next_unlabeled(self) -> dict:
-        """The next unlabelled batch, restarting (and re-seeding a ``DistributedSampler``) after each pass."""
-        while True:
-            if self._unlabeled_iter is None:
-                sampler = getattr(self.unlabeled_data_loader, "sampler", None)
-                if isinstance(sampler, DistributedSampler):
-                    sampler.set_epoch(self._unlabeled_pass)
-                self._unlabeled_pass += 1
-                self._unlabeled_iter = iter(self.unlabeled_data_loader)  # type: ignore
-            try:
-                return next(self._unlabeled_iter)
-            except StopIteration:
-                self._unlabeled_iter = None
-
-    def _teacher_decay(self, iteration: int, total: int) -> float:
-        """EMA decay of the ``k``-th iteration after the warm-up (``k`` from 0): ``min(1 - 1 / (k + 1), ema_decay)``.
-
-        Args:
-            iteration: the iteration, from 1.
-            total: the iterations of the run.
-        """
-        k = iteration - 1 - self._warmup_iterations(total)
-        return min(1.0 - 1.0 / (max(k, 0) + 1.0), self.ema_decay)
-
     def _iteration(self, engine: CEDSTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         """One training iteration, in the phase that :meth:`phase` gives to ``engine.state.iteration``.
 
@@ -304,13 +247,13 @@ class CEDSTrainer(SupervisedTrainer):
             loss = loss_confidence
             steps = [(self.confidence_optimizer, self.confidence_lr_scheduler)]
         else:
-            unlabeled, _ = engine.prepare_batch(self._next_unlabeled(), engine.state.device, engine.non_blocking)
+            unlabeled, _ = engine.prepare_batch(self.unlabeled.next(), engine.state.device, engine.non_blocking)  # type: ignore
             both = torch.cat([inputs, unlabeled], dim=0)
             n_labeled = inputs.shape[0]
             student_seg, confidence = engine.network(add_clipped_noise(both, *self.student_noise))
             self.teacher.train(self.teacher_train_mode)  # type: ignore[union-attr]
             with torch.no_grad():
-                teacher_seg, teacher_confidence = self.teacher.forward_with_confidence(  # type: ignore
+                teacher_seg, teacher_confidence = self.teacher.module.forward_with_confidence(  # type: ignore
                     add_clipped_noise(both, *self.teacher_noise)
                 )
             seg = student_seg[:n_labeled]
@@ -339,7 +282,7 @@ class CEDSTrainer(SupervisedTrainer):
             if scheduler is not None:
                 scheduler.step()
         if phase == "semi":
-            ema_update(self.teacher, engine.network, self._teacher_decay(iteration, total))  # type: ignore[arg-type]
+            self.teacher.update_parameters(unwrap(engine.network))  # type: ignore[union-attr]
         engine.state.output.update(
             {
                 "loss_seg": float(loss_seg.detach()),

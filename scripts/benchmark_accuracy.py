@@ -292,7 +292,7 @@ class Benchmark:
         with self._lock:
             lock = self._teacher_locks.setdefault((ratio, seed), threading.Lock())
         out = self.work / "cdugjl_liver" / "teachers" / f"r{ratio:03d}_s{seed}"
-        ckpt = out / "models" / "checkpoint_teacher.pt"
+        ckpt = out / "models" / "teacher" / "model.pt"
         done = out / "done.json"
         settings = self.settings("cdugjl_liver")
         with lock:
@@ -318,21 +318,18 @@ class Benchmark:
                   "seed": run.seed, "profile": self.profile, "profile_settings": self.settings(run.bundle),
                   "overrides": run.overrides, "commands": {}, "seconds": {}}
         train = {**common, "output_dir": out / "train", "seed": run.seed, **prof.train, **run.overrides}
-        if run.bundle == "cdugjl_liver":
-            if any(float(train.get(k, 1)) > 0 for k in ("attention_weight", "feature_weight", "contrast_weight",
-                                                         "distill_kl_weight")):
-                teacher, seconds, cmd = self.teacher(run.ratio, run.seed)
-                train["teacher_ckpt"] = teacher
-                record["commands"]["teacher"], record["seconds"]["teacher"] = cmd, seconds
-            final = {"ckpt_name": "checkpoint_model.pt"}
-        else:
-            final = {"eval_checkpoint": out / "models" / "model.pt"}
+        if run.bundle == "cdugjl_liver" and any(float(train.get(k, 1)) > 0 for k in (
+                "attention_weight", "feature_weight", "contrast_weight", "distill_kl_weight")):
+            teacher, seconds, cmd = self.teacher(run.ratio, run.seed)
+            train["teacher_ckpt"] = teacher
+            record["commands"]["teacher"], record["seconds"]["teacher"] = cmd, seconds
         cmd = _bundle_cmd(run.bundle, ["train.json", *prof.overlays], train)
         record["seconds"]["train"] = _run_logged(cmd, out / "train.log", self.threads)
         record["commands"]["train"] = cmd
         record["validation"] = validation_curve(out / "train.log", int(train.get("epoch_length") or 1))
         if evaluate:
-            test = {**{k: v for k, v in train.items() if k != "output_dir"}, "output_dir": out / "test", **final}
+            test = {**{k: v for k, v in train.items() if k != "output_dir"}, "output_dir": out / "test",
+                    "eval_checkpoint": out / "models" / "model.pt"}  # the final student, in both bundles
             cmd = _bundle_cmd(run.bundle, ["train.json", "evaluate.json", *prof.overlays], test)
             record["seconds"]["evaluate"] = _run_logged(cmd, out / "evaluate.log", self.threads)
             record["commands"]["evaluate"] = cmd
@@ -425,7 +422,7 @@ def teachers(
     for ratio in ratios:
         for seed in seeds:
             ckpt, _, _ = bench.teacher(ratio, seed)
-            teacher = json.loads((ckpt.parents[1] / "done.json").read_text())["validation"]
+            teacher = json.loads((ckpt.parents[2] / "done.json").read_text())["validation"]
             student = bench.result_path(Run("cdugjl_liver", "accuracy", ratio, "supervised", seed, {}))
             curve = json.loads(student.read_text()).get("validation") if student.exists() else None
             print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}")

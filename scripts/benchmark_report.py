@@ -374,7 +374,7 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 100, seed: int =
         prof = ba.PROFILES[profile][bundle]
         data = bench.data_dir(bundle)
         run_dir = bench.work / bundle / "accuracy" / f"r{ratio:03d}_{method}_s{seed}"
-        ckpt = run_dir / "models" / ("checkpoint_model.pt" if bundle == "cdugjl_liver" else "model.pt")
+        ckpt = run_dir / "models" / "model.pt"  # the final student
         if not ckpt.exists():
             raise FileNotFoundError(f"{ckpt}: run `python scripts/benchmark_accuracy.py run --profile {profile}` first")
         test = [r for r in json.loads((data / f"datalist_{ratio}.json").read_text())["test"]

@@ -115,12 +115,18 @@ def trained(tmp_path_factory, liver_data):
 def test_teacher_and_student_checkpoints(trained):
     nets = bundle_module("cdugjl_liver", "networks")
     demo = json.loads(open(DEMO).read())
-    for name, in_channels in (("teacher.pt", 3), ("model.pt", 2)):
+    # the same files in models/ (student) and models/teacher/: the final network, the best on validation, the state
+    for name, in_channels in (("teacher/model.pt", 3), ("teacher/model_best.pt", 3), ("model.pt", 2),
+                              ("model_best.pt", 2)):
         state = torch.load(trained / "models" / name, map_location="cpu", weights_only=True)
         assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
         nets.MEAMTNet(in_channels=in_channels, channels=demo["channels"]).load_state_dict(state)
-    checkpoint = torch.load(trained / "models" / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(trained / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert {"model", "loss", "ema", "optimizer", "lr_scheduler"} <= set(checkpoint)
+    # model.pt is the network the run ended with
+    for key, value in torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True).items():
+        assert torch.equal(value, checkpoint["model"][key]), key
+    assert (trained / "models" / "teacher" / "checkpoint.pt").is_file()
 
 
 @pytest.mark.integration
@@ -237,7 +243,8 @@ def test_multi_gpu_config_two_cpu_processes_with_teacher(trained, liver_data, tm
     """``multi_gpu_train.json`` with every term on: two gloo processes, the loss's heads kept in sync, one model.pt."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
-    shutil.copy(trained / "models" / "teacher.pt", ckpt_dir / "teacher.pt")
+    (ckpt_dir / "teacher").mkdir()
+    shutil.copy(trained / "models" / "teacher" / "model.pt", ckpt_dir / "teacher" / "model.pt")
     files = repr([str(CONFIGS / c) for c in ("train.json", "multi_gpu_train.json", "cpu_demo.json")])
     proc = run_cmd(
         [*_torchrun(), "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle", "run",
@@ -250,5 +257,5 @@ def test_multi_gpu_config_two_cpu_processes_with_teacher(trained, liver_data, tm
     assert log.count("Epoch[1] Complete") >= 2 and log.count("loaded the frozen teacher") == 2
     state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
     assert state and not any(k.startswith("module.") for k in state)
-    checkpoint = torch.load(ckpt_dir / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in checkpoint["model"]) and checkpoint["loss"]

@@ -21,7 +21,7 @@ from conftest import BUNDLES, run_cmd
 
 DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 # configs trained first (one process, one epoch, same ckpt_dir): the liver student distils from the contrast-enhanced
-# teacher, models/teacher.pt, written by train_teacher.json (multi_gpu_train.json overlays train.json only)
+# teacher, models/teacher/model.pt, written by train_teacher.json (multi_gpu_train.json overlays train.json only)
 PREREQUISITES = {"cdugjl_liver": ["train_teacher.json"]}
 
 

@@ -204,9 +204,9 @@ def test_liver_resume_after_sigkill(tmp_path, liver_data):
     killed_log = (tmp_path / "killed.log").read_text()
     last = [m for m in ITER_LINE.finditer(killed_log) if int(m.group(1)) == saved + 1]
     assert last and int(last[-1].group(3)) < length, killed_log[-3000:]
-    assert not (ckpt_dir / "checkpoint_model.pt").exists()
+    assert not (ckpt_dir / "checkpoint.pt").exists()
     resume_from = tmp_path / "resume_from.pt"
-    resume_from.write_bytes((ckpt_dir / f"model_checkpoint_epoch={saved}.pt").read_bytes())
+    resume_from.write_bytes((ckpt_dir / f"checkpoint_epoch={saved}.pt").read_bytes())
 
     probe = tmp_path / "restored.pt"
     states = ("{'model': @network.state_dict(), 'loss': @loss.state_dict(), 'ema': @ema_network.state_dict(), "
@@ -230,7 +230,7 @@ def test_liver_resume_after_sigkill(tmp_path, liver_data):
     assert any(not torch.equal(ckpt["ema"]["module." + k], v) for k, v in ckpt["model"].items())  # a real EMA
     assert ckpt["optimizer"]["state"]
 
-    final = torch.load(ckpt_dir / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    final = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == epochs * length and final["trainer"]["max_epochs"] == epochs
     assert int(final["ema"]["n_averaged"]) == epochs * length
     # the learning rate follows its schedule per iteration
@@ -277,7 +277,7 @@ def test_liver_same_seed_same_metrics(tmp_path, liver_data):
     assert len([ln for ln in logs[0] if ITER_LINE.search(ln)]) == 2 and any("val_mean_dice" in ln for ln in logs[0])
     assert any("consistency: 0.0000" not in ln for ln in logs[0] if ITER_LINE.search(ln))  # the EMA term is on
     assert logs[0] == logs[1]
-    ckpt_a, ckpt_b = (torch.load(r / "models" / "checkpoint_model.pt", map_location="cpu", weights_only=True)
+    ckpt_a, ckpt_b = (torch.load(r / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
                       for r in runs)
     for key in ("model", "ema", "loss", "optimizer"):
         assert_same(ckpt_a[key], ckpt_b[key], key)

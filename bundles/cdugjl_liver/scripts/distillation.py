@@ -55,8 +55,8 @@ def load_teacher(
 
     Args:
         network: the teacher architecture (a MEAMT-Net with 3 input channels).
-        ckpt_path: its weights: a plain state dict (``models/teacher.pt`` written by ``train_teacher.json``) or a
-            training checkpoint holding one under ``"model"`` (``models/checkpoint_teacher.pt``).
+        ckpt_path: its weights: a plain state dict (``models/teacher/model.pt`` written by ``train_teacher.json``)
+            or a training checkpoint holding one under ``"model"`` (``models/teacher/checkpoint.pt``).
         device: where to put it (a string such as ``"cpu"`` works).
 
     Returns:

@@ -94,6 +94,29 @@ def test_masked_consistency(losses):
         losses.ConfidenceMaskedConsistencyLoss(normalization="sum")
 
 
+def test_per_class_mask_keeps_confident_tumour(losses):
+    """The situation measured in training: the head trusts the background (P(correct) 0.9) and distrusts every
+    tumour prediction (0.3). The threshold mask drops all tumour voxels, so the consistency only pulls towards
+    background; the per-class mask keeps the most confident half of each predicted class, tumour included."""
+    teacher = torch.tensor([[[3.0, 3.0, 3.0, 3.0, -3.0, -3.0, -3.0, -3.0]]])  # logit of background
+    teacher = torch.cat([teacher, -teacher], 1)  # [1, 2, 8]: voxels 0-3 background, 4-7 tumour
+    p_correct = torch.tensor([0.9, 0.95, 0.85, 0.92, 0.3, 0.35, 0.25, 0.2])
+    confidence = torch.stack([torch.log(1 - p_correct), torch.log(p_correct)]).unsqueeze(0)  # softmax -> p_correct
+    student = torch.zeros(1, 2, 8, requires_grad=True)  # undecided everywhere
+    threshold = losses.ConfidenceMaskedConsistencyLoss(temperature=1.0, normalization="mask")
+    per_class = losses.ConfidenceMaskedConsistencyLoss(temperature=1.0, normalization="mask", mask="per_class",
+                                                       kept_fraction=0.5)
+    threshold(student, teacher, confidence).backward()
+    assert student.grad[0, 1, 4:].abs().sum() == 0  # no tumour voxel reaches the loss
+    student.grad = None
+    per_class(student, teacher, confidence).backward()
+    kept = student.grad[0, 1].abs() > 0
+    assert kept.tolist() == [False, True, False, True, True, True, False, False]  # 2 of 4 per class, most confident
+    assert (student.grad[0, 1, 4:] < 0).sum() == 2  # gradient descent raises the tumour probability there
+    with pytest.raises(ValueError, match="mask"):
+        losses.ConfidenceMaskedConsistencyLoss(mask="soft")
+
+
 # ---------------------------------------------------------------------------------------------------- network
 
 

@@ -57,6 +57,18 @@ def test_ema_network_warm_up_and_handler(mean_teacher):
     assert mean_teacher.unwrap(torch.nn.DataParallel(net)) is net and mean_teacher.unwrap(net) is net
 
 
+def test_top_fraction_per_class(mean_teacher):
+    # class 0: scores 1..8, class 1: scores 0.1..0.4 (lower than every class-0 voxel)
+    score = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 0.1, 0.2, 0.3, 0.4]).reshape(1, 1, 12)
+    classes = torch.tensor([0] * 8 + [1] * 4).reshape(1, 1, 12)
+    mask = mean_teacher.top_fraction_per_class(score, classes, 0.5)
+    assert mask.flatten().tolist() == [0.0] * 4 + [1.0] * 4 + [0.0, 0.0, 1.0, 1.0]  # half of each class
+    assert mean_teacher.top_fraction_per_class(score, classes, 1.0).sum() == 12
+    assert mean_teacher.top_fraction_per_class(score, classes, 1e-6).sum() == 2  # at least one per class
+    ties = mean_teacher.top_fraction_per_class(torch.ones(1, 1, 4), torch.zeros(1, 1, 4, dtype=torch.long), 0.5)
+    assert ties.sum() == 4  # ties with the cut are kept
+
+
 class _Records(torch.utils.data.Dataset):
     def __init__(self, n: int):
         self.n = n

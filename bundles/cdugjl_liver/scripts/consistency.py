@@ -14,12 +14,10 @@ voxels of each predicted class that is kept instead (:func:`uncertainty_mask`). 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-from .mean_teacher import sigmoid_rampup
+from .mean_teacher import sigmoid_rampup, top_fraction_per_class
 
 __all__ = ["UncertaintyConsistencyLoss", "kept_fraction", "uncertainty_mask"]
 
@@ -39,25 +37,15 @@ def uncertainty_mask(alpha: torch.Tensor, fraction: float) -> torch.Tensor:
     """``[B, 1, *spatial]`` float mask of the least uncertain voxels of the batch, ``fraction`` of each predicted class.
 
     The voxels are grouped by the class of their largest concentration; in a group of ``N`` voxels those whose
-    uncertainty ``K / S`` is at most the ``ceil(fraction * N)``-th smallest are kept (ties included). One fraction
-    per class rather than one threshold for the batch: a minority class with less evidence (the tumour) would
-    otherwise be dropped first, and the consistency would then pull mainly towards the background.
+    uncertainty ``K / S`` is at most the ``ceil(fraction * N)``-th smallest are kept (ties included):
+    :func:`scripts.mean_teacher.top_fraction_per_class` of ``-K / S``.
 
     Args:
         alpha: ``[B, K, *spatial]`` Dirichlet concentrations.
         fraction: in ``(0, 1]``; ``1`` keeps every voxel.
     """
     uncertainty = alpha.shape[1] / alpha.sum(1, keepdim=True)
-    if fraction >= 1.0:
-        return torch.ones_like(uncertainty)
-    predicted = alpha.argmax(1, keepdim=True)
-    mask = torch.zeros_like(uncertainty, dtype=torch.bool)
-    for label in predicted.unique():
-        in_class = predicted == label
-        values = uncertainty[in_class]
-        threshold = values.kthvalue(max(1, math.ceil(fraction * values.numel()))).values
-        mask |= in_class & (uncertainty <= threshold)
-    return mask.to(alpha.dtype)
+    return top_fraction_per_class(-uncertainty, alpha.argmax(1, keepdim=True), fraction)
 
 
 class UncertaintyConsistencyLoss(nn.Module):

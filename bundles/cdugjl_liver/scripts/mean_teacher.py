@@ -6,6 +6,7 @@ Each bundle is downloaded alone, so each ships this module; the copies are ident
 - :func:`ema_network`: the EMA teacher, a ``torch.optim.swa_utils.AveragedModel`` of the student with the warm-up
   decay of the mean-teacher codebases (:func:`ema_warmup_avg_fn`); :class:`EMAUpdateHandler` updates it.
 - :func:`sigmoid_rampup`: the ramp ``exp(-5 (1 - t / L)^2)`` of the consistency weights.
+- :func:`top_fraction_per_class`: a consistency mask that keeps the most trusted fraction of each predicted class.
 - :class:`UnlabeledStream`: unlabelled batches drawn alongside the labelled data loader, restarted when exhausted.
 - :func:`unwrap`: the network inside a ``DataParallel`` / ``DistributedDataParallel`` wrapper.
 """
@@ -22,7 +23,15 @@ from ignite.engine import Engine, Events
 from monai.data import DataLoader
 from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["EMAUpdateHandler", "UnlabeledStream", "ema_network", "ema_warmup_avg_fn", "sigmoid_rampup", "unwrap"]
+__all__ = [
+    "EMAUpdateHandler",
+    "UnlabeledStream",
+    "ema_network",
+    "ema_warmup_avg_fn",
+    "sigmoid_rampup",
+    "top_fraction_per_class",
+    "unwrap",
+]
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -41,6 +50,33 @@ def sigmoid_rampup(current: float, length: float) -> float:
         return 1.0
     t = min(max(current / length, 0.0), 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def top_fraction_per_class(score: torch.Tensor, classes: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Float mask of the highest-scoring ``fraction`` of the voxels of each class (ties with the cut kept).
+
+    In a class of ``N`` voxels those whose score is at least the ``ceil(fraction * N)``-th largest are kept, at least
+    one per class present. One fraction per class rather than one threshold for the batch: a minority class with
+    lower scores (the tumour, where the teacher is less sure) would otherwise be dropped first, and the consistency
+    would then pull mainly towards the background.
+
+    Args:
+        score: ``[B, 1, *spatial]``, higher = more trustworthy (e.g. a confidence, or minus an uncertainty).
+        classes: ``[B, 1, *spatial]`` class of each voxel (e.g. the teacher's argmax).
+        fraction: in ``(0, 1]``; ``1`` keeps every voxel.
+
+    Returns:
+        ``[B, 1, *spatial]`` mask of ``score``'s dtype.
+    """
+    if fraction >= 1.0:
+        return torch.ones_like(score)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for label in classes.unique():
+        in_class = classes == label
+        values = score[in_class]
+        k = values.numel() - max(1, math.ceil(fraction * values.numel())) + 1
+        mask |= in_class & (score >= values.kthvalue(k).values)
+    return mask.to(score.dtype)
 
 
 def ema_warmup_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:

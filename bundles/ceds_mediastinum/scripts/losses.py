@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mean_teacher import top_fraction_per_class
+
 __all__ = ["ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen"]
 
 
@@ -82,25 +84,46 @@ class ConfidenceCELoss(nn.Module):
 class ConfidenceMaskedConsistencyLoss(nn.Module):
     """Mean-teacher consistency restricted to voxels the teacher's confidence head deems correct.
 
-    ``d = (softmax(student) - sharpen(softmax(teacher), T))^2`` element-wise (all classes), multiplied by the mask
-    ``m = [softmax(teacher_confidence)[:, 1] > threshold]`` (all ones when no confidence is given: plain mean
-    teacher).
+    ``d = (softmax(student) - sharpen(softmax(teacher), T))^2`` element-wise (all classes), multiplied by a mask of
+    the teacher's confidence ``c = softmax(teacher_confidence)[:, 1]`` (all ones when no confidence is given: plain
+    mean teacher):
+
+    - ``mask="threshold"`` (the authors): ``m = [c > threshold]``. The class-balanced confidence head learns that a
+      tumour prediction is often wrong, so this mask can keep confident background only, and the sharpened targets
+      then pull the student's tumour towards background.
+    - ``mask="per_class"``: ``m`` keeps the ``kept_fraction`` most confident voxels of each class the teacher
+      predicts (:func:`scripts.mean_teacher.top_fraction_per_class`), confident tumour as well as background.
 
     Args:
         temperature: sharpening temperature ``T`` of the teacher probabilities (1 = no sharpening).
-        threshold: the teacher's P(correct) above which a voxel counts.
+        threshold: the teacher's P(correct) above which a voxel counts (``mask="threshold"``).
+        mask: ``"threshold"`` or ``"per_class"``.
+        kept_fraction: the fraction of each predicted class kept (``mask="per_class"``), in ``(0, 1]``.
         normalization: ``"mean"``: ``sum(m * d) / d.numel()``, the mean over all voxels with masked ones counting
             as zeros (the authors' code); ``"mask"``: ``sum(m * d) / (C * sum(m))``, the mean over the kept voxels
             (UA-MT), 0 when the mask is empty.
     """
 
-    def __init__(self, temperature: float = 0.1, threshold: float = 0.5, normalization: str = "mean") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        threshold: float = 0.5,
+        normalization: str = "mean",
+        mask: str = "threshold",
+        kept_fraction: float = 0.5,
+    ) -> None:
         super().__init__()
         if normalization not in ("mean", "mask"):
             raise ValueError(f"normalization must be 'mean' or 'mask', got {normalization!r}.")
+        if mask not in ("threshold", "per_class"):
+            raise ValueError(f"mask must be 'threshold' or 'per_class', got {mask!r}.")
+        if not 0.0 < kept_fraction <= 1.0:
+            raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
         self.temperature = temperature
         self.threshold = threshold
         self.normalization = normalization
+        self.mask = mask
+        self.kept_fraction = kept_fraction
 
     def forward(
         self,
@@ -122,8 +145,12 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         if teacher_confidence_logits is None:
             mask = torch.ones_like(dist[:, :1])
         else:
-            confidence = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2]
-            mask = (confidence > self.threshold).to(dist)
+            confidence = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2].to(dist)
+            if self.mask == "threshold":
+                mask = (confidence > self.threshold).to(dist)
+            else:
+                predicted = teacher_logits.detach().argmax(1, keepdim=True)
+                mask = top_fraction_per_class(confidence, predicted, self.kept_fraction)
         masked = (dist * mask).sum()
         if self.normalization == "mean":
             return masked / dist.numel()

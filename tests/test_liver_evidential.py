@@ -148,6 +148,25 @@ def test_heads(ev):
     assert nig.shape == (2, 3, 4)
     assert torch.allclose(nig[..., 0], torch.zeros(2, 3))
     assert (nig[..., 1] > 0).all() and (nig[..., 2] > 1).all() and (nig[..., 3] > 0).all()
+    # a bounded mean cannot leave its range, however extreme the raw outputs
+    raw = torch.tensor([[-1e4, 0.0, 0.0, 0.0, 1e4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    bounded = ev.NIGHead(3, mean_range=(0.0, 1.0))(raw)[..., 0]
+    assert bounded.tolist()[0] == pytest.approx([0.0, 1.0, 0.5])
+    assert ev.NIGHead(3)(raw)[0, 0, 0] == -1e4  # unbounded: a negative area was possible
+
+
+def test_network_quantification_within_the_field_of_view():
+    """Whatever the weights, the liver network's centres and area are fractions of the field of view in [0, 1]."""
+    from conftest import bundle_module
+
+    nets = bundle_module("cdugjl_liver", "networks")
+    torch.manual_seed(0)
+    net = nets.MEAMTNet(in_channels=2, channels=(4, 8, 16, 32, 64)).eval()
+    with torch.no_grad():
+        for p in net.quant_decoder.parameters():
+            p.mul_(1e3)  # outputs far outside any plausible range before the head
+        gamma = net.forward_all(torch.randn(2, 2, 64, 64) * 10)["quant"][..., 0]
+    assert gamma.min() >= 0 and gamma.max() <= 1
 
 
 def test_dirichlet_outputsd(ev):

@@ -139,23 +139,29 @@ class DirichletHead(nn.Module):
 class NIGHead(nn.Module):
     """Turns ``4 Q`` raw outputs into NIG parameters for ``Q`` quantities.
 
-    ``gamma`` is linear, ``nu = softplus + eps``, ``alpha = softplus + 1 + eps``, ``beta = softplus + eps``
-    (Amini et al.).
+    ``gamma`` is linear, or ``lo + (hi - lo) sigmoid`` inside ``mean_range = (lo, hi)`` for quantities that cannot
+    leave a range (a negative area, a centre outside the field of view), ``nu = softplus + eps``,
+    ``alpha = softplus + 1 + eps``, ``beta = softplus + eps`` (Amini et al.).
 
     Args:
         num_quantities: ``Q``, the number of regressed values.
         eps: lower bound keeping ``nu``, ``beta`` and ``alpha - 1`` positive.
+        mean_range: ``(lo, hi)`` bounds of ``gamma``, or ``None`` for an unbounded mean.
     """
 
-    def __init__(self, num_quantities: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_quantities: int, eps: float = 1e-6, mean_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.num_quantities = num_quantities
         self.eps = eps
+        self.mean_range = mean_range
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         """``[B, 4 Q]`` raw outputs -> ``[B, Q, 4]`` (gamma, nu, alpha, beta)."""
         raw = raw.view(raw.shape[0], self.num_quantities, 4)
         gamma, nu, alpha, beta = raw.unbind(-1)
+        if self.mean_range is not None:
+            lo, hi = self.mean_range
+            gamma = lo + (hi - lo) * torch.sigmoid(gamma)
         return torch.stack(
             [gamma, F.softplus(nu) + self.eps, F.softplus(alpha) + 1 + self.eps, F.softplus(beta) + self.eps], dim=-1
         )

@@ -128,7 +128,9 @@ class QuantificationDecoder(nn.Module):
             width = h
         layers.append(nn.Linear(width, 4 * num_quantities))
         self.mlp = nn.Sequential(*layers)
-        self.head = NIGHead(num_quantities)
+        # centres and area are fractions of the field of view: a negative area or a centre outside the input
+        # cannot be predicted
+        self.head = NIGHead(num_quantities, mean_range=(0.0, 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.mlp(x))

@@ -379,6 +379,7 @@ def run_batch(
     bundle_path = Path(bundle).resolve()
     meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
     channels = int(meta["network_data_format"]["inputs"]["image"].get("num_channels", 1))
+    modality = meta["network_data_format"]["inputs"]["image"].get("modality")
     suffixes = tuple(modality_suffixes or DEFAULT_MODALITY_SUFFIXES.get(bundle_path.name, ()))
     records = load_cases(inputs, split=split, modality_suffixes=suffixes)
     out = Path(out_dir).resolve()
@@ -404,7 +405,7 @@ def run_batch(
                     rows.append(row)
                     continue
                 row["reason"] = f"recomputed: the earlier output was made with another {', '.join(changed)}"
-            check_case(record, modalities=channels)
+            check_case(record, modalities=channels, modality=modality)
             if runner is None:
                 runner = _build_runner(bundle_path, out, record, checkpoint, overlay, device, sw_batch_size, override)
             done = _process(runner, record, out, qc_threshold, png, made_by)

@@ -179,6 +179,24 @@ def test_provenance_recorded_and_another_checkpoint_recomputes(ct_data, ct_model
     assert changed["cases"][0]["status"] == "done" and "override" in changed["cases"][0]["reason"]
 
 
+def test_each_bundle_refuses_the_other_modality(ct_data, liver_data, ct_model, liver_model, tmp_path):
+    """A CT given to the MRI bundle (as T2WI and DWI) and an MR given to the CT bundle are invalid before any
+    compute, with a reason a person understands."""
+    ct = str(ct_data / "imagesTr" / "ct_000.nii.gz")
+    mr = str(liver_data / "imagesTr" / "liver_000_t2w.nii.gz")
+    cases = {LIVER: ({"case": "ct_as_mr", "image": [ct, ct]}, liver_model, "looks like a CT in Hounsfield units"),
+             CT: ({"case": "mr_as_ct", "image": mr}, ct_model, "does not look like a CT in Hounsfield units")}
+    for bundle, (record, model, reason) in cases.items():
+        listing = tmp_path / f"{bundle}.json"
+        listing.write_text(json.dumps([record]))
+        out = tmp_path / bundle
+        summary = batch_infer.run_batch(str(BUNDLES / bundle), str(listing), str(out), checkpoint=str(model),
+                                        overlay=OVERLAY, device="cpu", progress=False)
+        row = summary["cases"][0]
+        assert row["status"] == "invalid" and reason in row["reason"], row
+        assert summary["counts"]["invalid"] == 1 and not (out / record["case"]).exists()
+
+
 @pytest.mark.integration
 def test_failing_case_leaves_nothing_half_written(ct_data, ct_model, tmp_path, monkeypatch):
     """A case failing after the bundle wrote its files, or inside the bundle's workflow, leaves no case folder,

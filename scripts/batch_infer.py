@@ -10,7 +10,12 @@ For every case it writes ``<out_dir>/<case>/``: the bundle's outputs renamed to 
 ``<case>_quantification.json``), optionally ``<case>_overview.png``, and last the completion marker ``done.json``
 (outputs, QC, seconds). A case folder only ever appears complete: the bundle writes into a staging folder inside
 ``out_dir``, the files are gathered in ``<out_dir>/.partial-<case>/`` and that folder is renamed into place
-(``os.replace``) once everything is written. A rerun skips the cases that have ``done.json``.
+(``os.replace``) once everything is written.
+
+Provenance: ``done.json`` and ``run_summary.json`` record the bundle's name and version, the checkpoint's path and
+SHA-256, the overlays and the overrides (:func:`provenance`). A rerun skips a case whose ``done.json`` has the same
+provenance and recomputes one made with another checkpoint, bundle version, overlay or override (its row says
+what differed), so no output is ever attributed to weights that did not make it.
 
 Each case is validated (:mod:`input_checks`: header first, then a streamed pass over the voxels) before any compute
 is spent on it. A case that is invalid or fails during inference is recorded with its reason in
@@ -30,6 +35,7 @@ Bundle configs execute code (``$`` expressions, ``_target_`` imports): run only 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from input_checks import InputError, check_case, load_cases  # noqa: E402
 
-__all__ = ["BundleRunner", "WorkflowError", "quality_check", "save_overview", "run_batch", "main"]
+__all__ = ["BundleRunner", "WorkflowError", "provenance", "quality_check", "save_overview", "run_batch", "main"]
 
 DEFAULT_MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {"cdugjl_liver": ("_t2w", "_dwi")}
 """File name suffixes of the modalities, in channel order, for folder inputs of multi-modal bundles."""
@@ -209,6 +215,40 @@ def save_overview(image: np.ndarray, mask: np.ndarray, doubt: np.ndarray | None,
     return z
 
 
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(bundle: Path, meta: dict, checkpoint: str | None, overlay: str | Sequence[str] | None,
+               override: dict | None) -> dict[str, Any]:
+    """What produced a run's outputs: ``{"bundle", "bundle_version", "checkpoint", "checkpoint_sha256", "overlays",
+    "override"}``.
+
+    Args:
+        bundle: the bundle folder.
+        meta: its ``configs/metadata.json``.
+        checkpoint: the weights given (``None``: the bundle's ``models/model.pt``).
+        overlay: the config overlays.
+        override: the config overrides.
+    """
+    path = Path(checkpoint).resolve() if checkpoint else bundle / "models" / "model.pt"
+    overlays = [overlay] if isinstance(overlay, (str, os.PathLike)) else list(overlay or [])
+    return {"bundle": bundle.name, "bundle_version": meta.get("version"), "checkpoint": str(path),
+            "checkpoint_sha256": _sha256(path), "overlays": [str(o) for o in overlays],
+            "override": json.loads(json.dumps(override or {}, default=str))}
+
+
+def _changed(old: dict | None, new: dict) -> list[str]:
+    """The provenance keys that differ (all of them for an output without provenance)."""
+    return [k for k in new if (old or {}).get(k) != new[k]] if old is not None else list(new)
+
+
 def _write_json(path: str | os.PathLike, content: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -251,7 +291,8 @@ def _first_channel(paths: str | list[str]) -> np.ndarray:
     return data[..., 0] if data.ndim == 4 else data
 
 
-def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: float, png: bool) -> dict[str, Any]:
+def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: float, png: bool,
+             made_by: dict[str, Any]) -> dict[str, Any]:
     """Run one validated case into ``.partial-<case>`` and move it into place; returns its ``done.json``."""
     case = record["case"]
     staging, partial, final = out_dir / STAGING, out_dir / f".partial-{case}", out_dir / case
@@ -272,7 +313,7 @@ def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: fl
                                         str(partial / name), f"{case}: {flag}", doubt_name or "mask")
         outputs["overview"] = name
     done = {"case": case, "image": record["image"], "outputs": outputs, "qc": qc,
-            "seconds": round(time.perf_counter() - start, 3), "bundle": str(runner.bundle)}
+            "seconds": round(time.perf_counter() - start, 3), "bundle": str(runner.bundle), "provenance": made_by}
     _write_json(partial / DONE_MARKER, done)
     if final.exists():  # an unfinished folder from an interrupted run (done cases are skipped before this)
         shutil.rmtree(final)
@@ -338,14 +379,16 @@ def run_batch(
     bundle_path = Path(bundle).resolve()
     meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
     channels = int(meta["network_data_format"]["inputs"]["image"].get("num_channels", 1))
+    modality = meta["network_data_format"]["inputs"]["image"].get("modality")
     suffixes = tuple(modality_suffixes or DEFAULT_MODALITY_SUFFIXES.get(bundle_path.name, ()))
     records = load_cases(inputs, split=split, modality_suffixes=suffixes)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runner: BundleRunner | None = None
     rows: list[dict] = []
+    made_by = provenance(bundle_path, meta, checkpoint, overlay, override)
     summary_meta = {"bundle": str(bundle_path), "inputs": os.path.abspath(inputs), "out_dir": str(out),
-                    "checkpoint": checkpoint, "qc_threshold": qc_threshold,
+                    "checkpoint": checkpoint, "provenance": made_by, "qc_threshold": qc_threshold,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for record in tqdm(records, desc=f"{bundle_path.name}", unit="case", disable=not progress):
         case, start = record["case"], time.perf_counter()
@@ -355,14 +398,17 @@ def run_batch(
         try:
             if marker.is_file():
                 done = json.loads(marker.read_text())
-                row.update(status="skipped", reason="already done", outputs=done["outputs"])
-                row.update(needs_review=done["qc"]["needs_review"], qc_reason=done["qc"]["reason"])
-                rows.append(row)
-                continue
-            check_case(record, modalities=channels)
+                changed = _changed(done.get("provenance"), made_by)
+                if not changed:
+                    row.update(status="skipped", reason="already done", outputs=done["outputs"])
+                    row.update(needs_review=done["qc"]["needs_review"], qc_reason=done["qc"]["reason"])
+                    rows.append(row)
+                    continue
+                row["reason"] = f"recomputed: the earlier output was made with another {', '.join(changed)}"
+            check_case(record, modalities=channels, modality=modality)
             if runner is None:
                 runner = _build_runner(bundle_path, out, record, checkpoint, overlay, device, sw_batch_size, override)
-            done = _process(runner, record, out, qc_threshold, png)
+            done = _process(runner, record, out, qc_threshold, png, made_by)
             row.update(status="done", outputs=done["outputs"], needs_review=done["qc"]["needs_review"],
                        qc_reason=done["qc"]["reason"], qc=done["qc"])
         except InputError as e:

@@ -8,7 +8,8 @@ in two stages so that nothing big is read before the cheap checks pass:
    invertible. Only the header (a few hundred bytes) is read, whatever the image size.
 2. voxel level (:func:`scan_voxels`): the voxel data are streamed from the file once, a slab of slices at a time
    (the NIfTI data are stored slice after slice along the last spatial axis), so that a truncated or corrupt file,
-   NaN/Inf voxels or an all-constant image are found with memory bounded by one slab, not by the volume.
+   NaN/Inf voxels or an all-constant image are found with memory bounded by one slab, not by the volume; the same
+   pass tells whether the intensities look like the model's modality (:func:`check_modality`: CT in HU has air).
 
 :func:`check_case` combines them for one case (several modalities that must belong together, an optional label
 that must match the image and hold only 0/1); :func:`load_cases` reads a folder, a CSV file or a datalist JSON and
@@ -37,12 +38,17 @@ __all__ = [
     "check_image",
     "check_label",
     "check_modalities",
+    "check_modality",
     "check_case",
     "case_id",
     "load_cases",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+AIR_HU = -500.0
+"""Below this a CT voxel in Hounsfield units is air or lung (about -1000 HU); an MR magnitude never gets there."""
+MR_MAX_AIR_FRACTION = 0.05
+"""An "MR" volume with at least this fraction of voxels below ``AIR_HU`` is taken for a CT."""
 
 
 class InputError(ValueError):
@@ -90,6 +96,8 @@ class VoxelStats:
     maximum: float
     values: frozenset | None
     """The distinct values (as read from disk, after scaling) when there are at most 16 of them, else ``None``."""
+    air_fraction: float = 0.0
+    """The fraction of voxels below ``AIR_HU`` (after scaling): air in a CT in Hounsfield units."""
 
 
 def _is_nifti(path: str) -> bool:
@@ -187,7 +195,8 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> Vo
     inter = 0.0 if proxy.inter is None or np.isnan(proxy.inter) else float(proxy.inter)
     if not np.isfinite(slope) or not np.isfinite(inter):
         raise InputError(path, f"non-finite intensity scaling (scl_slope {slope}, scl_inter {inter})")
-    low, high, values = np.inf, -np.inf, set()
+    low, high, values, air = np.inf, -np.inf, set(), 0
+    raw_air = (AIR_HU - inter) / slope if slope != 0 else np.inf  # AIR_HU before scaling: no scaled copy of a slab
     try:
         with nib.openers.ImageOpener(path, "rb") as stream:
             stream.seek(int(proxy.offset))
@@ -205,6 +214,7 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> Vo
                         where = f"slices {start}-{start + count - 1}"
                         raise InputError(path, f"{int(bad.sum())} {kind} voxel(s) in {where}")
                 low, high = min(low, float(slab.min())), max(high, float(slab.max()))
+                air += int(np.count_nonzero(slab < raw_air if slope > 0 else slab > raw_air))
                 if values is not None:
                     distinct = np.unique(slab)
                     values = None if len(distinct) > 16 else values | set(distinct.tolist())
@@ -216,16 +226,45 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> Vo
         raise InputError(path, f"corrupt or truncated compressed data ({type(e).__name__}: {e})") from e
     ends = sorted((low * slope + inter, high * slope + inter))
     scaled = None if values is None else frozenset(v * slope + inter for v in values)
-    return VoxelStats(ends[0], ends[1], scaled)
+    return VoxelStats(ends[0], ends[1], scaled, air / max(int(np.prod(shape)), 1))
 
 
-def check_image(path: str | os.PathLike, channels: int | None = None, scan: bool = True) -> HeaderInfo:
-    """Header checks, then (``scan``) the streamed voxel checks including "not all constant"."""
+def check_modality(path: str | os.PathLike, stats: VoxelStats, modality: str) -> None:
+    """Whether the intensities look like the modality the model was trained on (``metadata.json``).
+
+    A CT in Hounsfield units has air (about -1000 HU: outside the body, lungs, bowel); an MR magnitude image is not
+    negative, let alone at -1000. The rule is deliberately coarse: it catches a volume of the other modality, not
+    a poor scan.
+
+    Args:
+        path: the file (for the message).
+        stats: its :func:`scan_voxels` summary.
+        modality: ``"CT"`` or ``"MR"`` (other modalities are not checked).
+
+    Raises:
+        InputError: a CT without any voxel below ``AIR_HU`` (an MR, or a CT rescaled out of Hounsfield units), or an
+            MR with at least ``MR_MAX_AIR_FRACTION`` of its voxels below ``AIR_HU`` (a CT).
+    """
+    if modality.upper() == "CT" and stats.air_fraction == 0:
+        raise InputError(path, f"does not look like a CT in Hounsfield units: no voxel below {AIR_HU:g} HU (air), "
+                               f"intensities {stats.minimum:g} to {stats.maximum:g}; an MR volume, or a CT rescaled "
+                               "out of HU? This model expects CT in HU")
+    if modality.upper() == "MR" and stats.air_fraction >= MR_MAX_AIR_FRACTION:
+        raise InputError(path, f"looks like a CT in Hounsfield units, not an MR: {100 * stats.air_fraction:.0f} % of "
+                               f"the voxels are below {AIR_HU:g} (minimum {stats.minimum:g}); this model expects MR")
+
+
+def check_image(path: str | os.PathLike, channels: int | None = None, scan: bool = True,
+                modality: str | None = None) -> HeaderInfo:
+    """Header checks, then (``scan``) the streamed voxel checks including "not all constant" and, given a
+    ``modality``, :func:`check_modality`."""
     info = check_header(path, channels)
     if scan:
         stats = scan_voxels(path)
         if stats.minimum == stats.maximum:
             raise InputError(path, f"all voxels have the same value ({stats.minimum:g}); nothing to segment")
+        if modality:
+            check_modality(path, stats, modality)
     return info
 
 
@@ -276,13 +315,14 @@ def check_modalities(infos: Sequence[HeaderInfo], max_centre_shift_mm: float = 3
                                         f"({fov(ref_centre, ref_extent)}); these images cannot belong to the same case")
 
 
-def check_case(record: dict, modalities: int = 1, scan: bool = True) -> list[HeaderInfo]:
+def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: str | None = None) -> list[HeaderInfo]:
     """Check one case record ``{"image": path or [paths], "label": path (optional)}``.
 
     Args:
         record: the case; ``image`` is one file (3D, or 4D with ``modalities`` channels) or ``modalities`` 3D files.
         modalities: the number of input channels the network expects.
-        scan: also stream the voxels (NaN/Inf, all-constant, truncation, label values).
+        scan: also stream the voxels (NaN/Inf, all-constant, truncation, label values, and the ``modality``).
+        modality: the model's input modality (``"CT"``, ``"MR"``), checked by :func:`check_modality`.
 
     Returns:
         header info of each image file.
@@ -305,7 +345,7 @@ def check_case(record: dict, modalities: int = 1, scan: bool = True) -> list[Hea
         check_modalities(infos)
     if scan:
         for p in images:
-            check_image(p, channels=modalities if len(images) == 1 else None)
+            check_image(p, channels=modalities if len(images) == 1 else None, modality=modality)
     if record.get("label"):
         check_label(record["label"], infos[0], scan=scan)
     return infos

@@ -471,9 +471,8 @@ def liver_mri(
         conspicuity: range of a per-lesion factor on the T2WI and DWI contrasts (not on the CE phases): lesions
             from faint to clearly visible without contrast agent, so that a few labelled cases do not show the
             range a model must learn, while every lesion stays conspicuous in the CE phases. 0.6-1.7 was chosen on
-            the validation split (``docs/benchmarks.md``, *Phantom difficulty*): 0.3-1.7 capped supervised
-            training with all labels near Dice 0.72 (the faintest lesions sit in the noise), 1-1 left 10 % of the
-            labels as good as 100 %.
+            the validation split (``docs/benchmarks.md``, *Phantom difficulty*): with 0.3-1.7 supervised training
+            on every label plateaued at a validation Dice near 0.72 (the faintest lesions sit in the noise).
         ce_contrast: scale of the lesion-to-liver differences in the CE phases (1 = default appearance).
         noise: scale of the noise standard deviations (1 = default: liver SNR ~5.5 T2WI, ~3.6 DWI, >13 CE).
         misregistration: largest in-plane DWI shift in voxels.

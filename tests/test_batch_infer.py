@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -143,6 +144,57 @@ def test_ct_folder_run_rerun_and_bad_cases(ct_data, ct_model, tmp_path):
     rows = _summary(out)
     assert rows["ct_000"]["status"] == rows["ct_001"]["status"] == "skipped"
     assert (out / "ct_000" / "done.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.integration
+def test_provenance_recorded_and_another_checkpoint_recomputes(ct_data, ct_model, tmp_path):
+    """done.json and the summary name what made the outputs; a rerun with other weights or overrides recomputes
+    instead of skipping, and says why."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(ct_data / "imagesTr" / "ct_000.nii.gz", inputs)
+    out = tmp_path / "out"
+    args = dict(bundle=str(BUNDLES / CT), inputs=str(inputs), out_dir=str(out), checkpoint=str(ct_model),
+                overlay=OVERLAY, device="cpu", progress=False)
+    first = batch_infer.run_batch(**args)
+    made_by = json.loads((out / "ct_000" / "done.json").read_text())["provenance"]
+    meta = json.loads((BUNDLES / CT / "configs" / "metadata.json").read_text())
+    assert made_by == first["provenance"] == {
+        "bundle": CT, "bundle_version": meta["version"], "checkpoint": str(ct_model.resolve()),
+        "checkpoint_sha256": hashlib.sha256(ct_model.read_bytes()).hexdigest(), "overlays": [OVERLAY], "override": {}}
+    assert batch_infer.run_batch(**args)["cases"][0]["status"] == "skipped"
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    torch.save({k: torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in torch.load(ct_model, weights_only=True).items()}, other)
+    again = batch_infer.run_batch(**{**args, "checkpoint": str(other)})
+    row = again["cases"][0]
+    assert row["status"] == "done" and "checkpoint" in row["reason"] and "checkpoint_sha256" in row["reason"]
+    done = json.loads((out / "ct_000" / "done.json").read_text())
+    assert done["provenance"]["checkpoint_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    # an override is part of the provenance too
+    changed = batch_infer.run_batch(**{**args, "checkpoint": str(other), "override": {"sw_batch_size": 1}})
+    assert changed["cases"][0]["status"] == "done" and "override" in changed["cases"][0]["reason"]
+
+
+def test_each_bundle_refuses_the_other_modality(ct_data, liver_data, ct_model, liver_model, tmp_path):
+    """A CT given to the MRI bundle (as T2WI and DWI) and an MR given to the CT bundle are invalid before any
+    compute, with a reason a person understands."""
+    ct = str(ct_data / "imagesTr" / "ct_000.nii.gz")
+    mr = str(liver_data / "imagesTr" / "liver_000_t2w.nii.gz")
+    cases = {LIVER: ({"case": "ct_as_mr", "image": [ct, ct]}, liver_model, "looks like a CT in Hounsfield units"),
+             CT: ({"case": "mr_as_ct", "image": mr}, ct_model, "does not look like a CT in Hounsfield units")}
+    for bundle, (record, model, reason) in cases.items():
+        listing = tmp_path / f"{bundle}.json"
+        listing.write_text(json.dumps([record]))
+        out = tmp_path / bundle
+        summary = batch_infer.run_batch(str(BUNDLES / bundle), str(listing), str(out), checkpoint=str(model),
+                                        overlay=OVERLAY, device="cpu", progress=False)
+        row = summary["cases"][0]
+        assert row["status"] == "invalid" and reason in row["reason"], row
+        assert summary["counts"]["invalid"] == 1 and not (out / record["case"]).exists()
 
 
 @pytest.mark.integration

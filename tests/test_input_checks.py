@@ -287,3 +287,25 @@ def test_case_sources(tmp_path):
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps([{"image": ["data/p2_t2w.nii.gz", "data/p2_dwi.nii.gz"]}]))
     assert ic.load_cases(datalist, modality_suffixes=("_t2w",))[0]["case"] == "p2"
+
+
+def test_modality_plausibility(tmp_path):
+    """A CT in HU has air; an MR magnitude is never near -1000. Each is refused by a model of the other modality."""
+    ct = np.full((16, 16, 8), -1000.0, np.float32)  # air around a body of soft tissue and bone
+    ct[4:12, 4:12] = np.random.default_rng(0).normal(40.0, 20.0, (8, 8, 8))
+    ct[7:9, 7:9] = 700.0
+    mr = np.abs(np.random.default_rng(1).normal(300.0, 100.0, (16, 16, 8))).astype(np.float32)
+    ct_path, mr_path = _write(tmp_path / "ct.nii.gz", ct), _write(tmp_path / "mr.nii.gz", mr)
+    assert ic.scan_voxels(ct_path).air_fraction == pytest.approx(1 - 8 * 8 * 8 / ct.size)
+    assert ic.scan_voxels(mr_path).air_fraction == 0.0
+    ic.check_image(ct_path, modality="CT")
+    ic.check_image(mr_path, modality="MR")
+    _expect(ct_path, "looks like a CT in Hounsfield units, not an MR: 75 %", ic.check_image, ct_path, modality="MR")
+    _expect(mr_path, "does not look like a CT in Hounsfield units: no voxel below -500", ic.check_image, mr_path,
+            modality="CT")
+    ic.check_image(mr_path, modality="PT")  # other modalities are not checked
+    # the streamed fraction follows the NIfTI intensity scaling (scl_slope / scl_inter)
+    scaled = nib.Nifti1Image(((ct + 1024) / 2).astype(np.int16), _affine())
+    scaled.header.set_slope_inter(2.0, -1024.0)
+    nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    assert ic.scan_voxels(tmp_path / "scaled.nii.gz").air_fraction == pytest.approx(0.75)

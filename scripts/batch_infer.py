@@ -3,7 +3,7 @@
 Usage (from anywhere)::
 
     python scripts/batch_infer.py --bundle bundles/ceds_mediastinum --inputs <folder|cases.csv|datalist.json> \\
-        --out_dir runs/ct [--checkpoint model.pt] [--overlay configs/cpu_demo.json] [--png True] [--qc_threshold 0.5]
+        --out_dir runs/ct [--checkpoint model.pt] [--overlay configs/cpu_demo.json] [--png True] [--qc_threshold T]
 
 For every case it writes ``<out_dir>/<case>/``: the bundle's outputs renamed to ``<case>_<postfix>`` (the mask
 ``<case>_seg.nii.gz``, ``<case>_uncertainty.nii.gz`` or ``<case>_confidence.nii.gz``, the liver bundle's
@@ -23,7 +23,8 @@ is spent on it. A case that is invalid or fails during inference is recorded wit
 invalid, 2 when the case list itself is unusable (missing, empty, duplicate case ids).
 
 QC: ``needs_review`` is set when the predicted mask is empty or when the mean doubt inside the mask (the bundle's
-uncertainty map, or 1 - its confidence map) is above ``qc_threshold``.
+uncertainty map, or 1 - its confidence map) is above ``qc_threshold``. The default threshold of each bundle
+(:data:`DEFAULT_QC_THRESHOLDS`) was chosen on the validation split by ``scripts/qc_threshold.py``.
 
 The bundle's workflow (network, checkpoint, transforms, inferer) is built once per run with
 :class:`monai.bundle.ConfigWorkflow`; each case is run through it by swapping the one record of its dataset. After a
@@ -54,10 +55,17 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from input_checks import InputError, check_case, load_cases  # noqa: E402
 
-__all__ = ["BundleRunner", "WorkflowError", "provenance", "quality_check", "save_overview", "run_batch", "main"]
+__all__ = ["DEFAULT_QC_THRESHOLDS", "BundleRunner", "WorkflowError", "provenance", "quality_check", "save_overview", "run_batch", "main"]
 
 DEFAULT_MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {"cdugjl_liver": ("_t2w", "_dwi")}
 """File name suffixes of the modalities, in channel order, for folder inputs of multi-modal bundles."""
+
+DEFAULT_QC_THRESHOLDS: dict[str, float | None] = {"cdugjl_liver": 0.094, "ceds_mediastinum": None}
+"""Mean doubt inside the mask above which a case needs review, per bundle, chosen with ``scripts/qc_threshold.py``
+on the validation split of the ``cpu`` benchmark (``docs/benchmarks.md``, *Targets*). Liver: the mean evidential
+uncertainty flags 90 % of the cases with Dice < 0.5 and 30 % of the others (6 models, 96 cases). CEDS: ``None``,
+no doubt-based flag: its mean ``1 - confidence`` did not separate poor cases at all (Youden J 0, 3 models, 48
+cases), so only an empty mask is flagged. A bundle not listed gets ``None`` too."""
 
 DONE_MARKER = "done.json"
 STAGING = ".staging"
@@ -133,13 +141,14 @@ class BundleRunner:
         self.workflow.run()
 
 
-def quality_check(mask: np.ndarray, doubt: np.ndarray | None, threshold: float) -> dict[str, Any]:
+def quality_check(mask: np.ndarray, doubt: np.ndarray | None, threshold: float | None) -> dict[str, Any]:
     """Per-case QC flag from the predicted mask and a voxel doubt map (uncertainty, or 1 - confidence).
 
     Args:
         mask: predicted mask, any shape; non-zero is tumour.
         doubt: same shape, higher = less trustworthy; ``None`` when the bundle writes no such map.
-        threshold: mean doubt inside the mask above which the case needs review.
+        threshold: mean doubt inside the mask above which the case needs review (``None``: only an empty mask
+            needs review; the mean doubt is still recorded).
 
     Returns:
         ``{"needs_review": bool, "reason": str, "tumour_voxels": int, "mean_doubt_in_mask": float | None}``.
@@ -154,7 +163,7 @@ def quality_check(mask: np.ndarray, doubt: np.ndarray | None, threshold: float) 
     if np.shape(doubt) != inside.shape:
         raise ValueError(f"doubt map shape {np.shape(doubt)} differs from mask shape {inside.shape}")
     mean = float(np.asarray(doubt, dtype=np.float64)[inside].mean())
-    flagged = mean > threshold
+    flagged = threshold is not None and mean > threshold
     reason = f"mean doubt {mean:.3f} inside the predicted tumour exceeds {threshold:g}" if flagged else ""
     return {"needs_review": flagged, "reason": reason, "tumour_voxels": voxels, "mean_doubt_in_mask": mean}
 
@@ -291,7 +300,7 @@ def _first_channel(paths: str | list[str]) -> np.ndarray:
     return data[..., 0] if data.ndim == 4 else data
 
 
-def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: float, png: bool,
+def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: float | None, png: bool,
              made_by: dict[str, Any]) -> dict[str, Any]:
     """Run one validated case into ``.partial-<case>`` and move it into place; returns its ``done.json``."""
     case = record["case"]
@@ -364,7 +373,7 @@ def run_batch(
     device: str | None = None,
     sw_batch_size: int | None = None,
     png: bool = False,
-    qc_threshold: float = 0.5,
+    qc_threshold: float | None = None,
     modality_suffixes: Sequence[str] | None = None,
     override: dict | None = None,
     progress: bool = True,
@@ -382,6 +391,8 @@ def run_batch(
     modality = meta["network_data_format"]["inputs"]["image"].get("modality")
     suffixes = tuple(modality_suffixes or DEFAULT_MODALITY_SUFFIXES.get(bundle_path.name, ()))
     records = load_cases(inputs, split=split, modality_suffixes=suffixes)
+    if qc_threshold is None:
+        qc_threshold = DEFAULT_QC_THRESHOLDS.get(bundle_path.name)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runner: BundleRunner | None = None
@@ -446,7 +457,7 @@ def main(
     device: str | None = None,
     sw_batch_size: int | None = None,
     png: bool = False,
-    qc_threshold: float = 0.5,
+    qc_threshold: float | None = None,
     modality_suffixes: Sequence[str] | None = None,
     override: dict | None = None,
 ) -> None:
@@ -463,7 +474,8 @@ def main(
         device: e.g. ``cpu``/``cuda:0`` (the bundle's default: CUDA when available).
         sw_batch_size: windows/slices per forward pass; lower it to lower peak memory.
         png: also write ``<case>_overview.png`` through the largest predicted lesion.
-        qc_threshold: mean doubt (uncertainty, or 1 - confidence) inside the mask that flags a case for review.
+        qc_threshold: mean doubt (uncertainty, or 1 - confidence) inside the mask that flags a case for review
+            (default: the bundle's :data:`DEFAULT_QC_THRESHOLDS`).
         modality_suffixes: file name suffixes of the modalities for folder inputs (default per bundle).
         override: further config overrides, e.g. ``"{'inferer#device': 'cpu'}"``.
     """

@@ -24,6 +24,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import benchmark_accuracy as ba
 import case_figure
 import fire
 import numpy as np
@@ -49,8 +50,11 @@ REPORT_COMMAND = "python scripts/benchmark_report.py report --profile {profile}"
 
 
 def load_runs(profile: str, results: Path = RESULTS) -> list[dict]:
-    """Every finished accuracy/ablation run of ``profile``."""
-    return [json.loads(p.read_text()) for p in sorted((results / "accuracy" / profile).glob("*/*/*.json"))]
+    """Every finished accuracy/ablation run of ``profile`` made with the profile's current settings (a run made
+    with other settings is stale: ``benchmark_accuracy.py run`` redoes it, and it is never mixed into a table)."""
+    bench = ba.Benchmark(profile, results / "accuracy", ba.WORK_DIR, 1)
+    runs = [json.loads(p.read_text()) for p in sorted((results / "accuracy" / profile).glob("*/*/*.json"))]
+    return [r for r in runs if r.get("profile_settings") == bench.settings(r["bundle"])]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -365,8 +369,6 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 100, seed: int =
         path of the PNG.
     """
     import nibabel as nib
-
-    import benchmark_accuracy as ba
 
     bench = ba.Benchmark(profile, ba.RESULTS_DIR, Path(work_dir), threads=2)
     panels = []

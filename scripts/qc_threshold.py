@@ -51,7 +51,8 @@ def youden_threshold(doubt: Sequence[float], poor: Sequence[bool]) -> dict[str, 
 
     Returns:
         ``{"threshold", "youden_j", "sensitivity", "specificity"}``; candidates are the midpoints between sorted
-        distinct doubts (and one below the smallest), ties broken by the higher threshold (fewer flags).
+        distinct doubts, one below the smallest and the largest (which flags nothing), ties broken by the higher
+        threshold (fewer flags), so a doubt that does not separate the cases (J = 0) flags none.
 
     Raises:
         ValueError: fewer than one poor and one good case.
@@ -60,7 +61,8 @@ def youden_threshold(doubt: Sequence[float], poor: Sequence[bool]) -> dict[str, 
     if p.all() or not p.any():
         raise ValueError(f"need both poor and good cases to choose a threshold (poor: {int(p.sum())} of {p.size})")
     values = np.unique(d)
-    candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2])
+    # below every doubt (flag all), the midpoints, and the largest doubt (flag none: chosen when nothing separates)
+    candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1]]])
     best: dict[str, float] = {}
     for t in candidates[::-1]:
         flagged = d > t
@@ -125,4 +127,4 @@ def choose(
 
 
 if __name__ == "__main__":
-    fire.Fire(choose)
+    fire.Fire(choose, serialize=lambda result: None)  # choose() prints its summary; the JSON is on disk

@@ -75,6 +75,10 @@ def test_quality_check():
     flagged = batch_infer.quality_check(mask, doubt, 0.3)
     assert flagged["needs_review"] and "0.400" in flagged["reason"]
     assert not batch_infer.quality_check(mask, None, 0.5)["needs_review"]
+    # no threshold (CEDS's default): only an empty mask needs review, the mean doubt is still recorded
+    unflagged = batch_infer.quality_check(mask, doubt, None)
+    assert not unflagged["needs_review"] and unflagged["mean_doubt_in_mask"] == pytest.approx(0.4)
+    assert batch_infer.DEFAULT_QC_THRESHOLDS == {"cdugjl_liver": 0.094, "ceds_mediastinum": None}
 
 
 def test_overview_png_through_largest_lesion(tmp_path):

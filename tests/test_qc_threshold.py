@@ -30,6 +30,9 @@ def test_youden_threshold_separates_poor_cases():
     # one good case above the poor ones: the best cut still flags all poor cases and costs one false alarm
     best = qc_threshold.youden_threshold(doubt + [0.9], [False, False, False, True, True, True, False])
     assert 0.25 < best["threshold"] < 0.40 and best["specificity"] == pytest.approx(0.75)
+    # a doubt that does not separate poor from good cases flags nothing
+    useless = qc_threshold.youden_threshold([0.2, 0.2, 0.2, 0.2], [True, False, True, False])
+    assert useless["youden_j"] == 0 and useless["threshold"] == pytest.approx(0.2) and useless["sensitivity"] == 0
     with pytest.raises(ValueError, match="poor and good"):
         qc_threshold.youden_threshold(doubt, [True] * 6)
 

@@ -82,7 +82,7 @@ ABLATIONS = {
         "no_uncertainty_mask": {"uncertainty_mask": False},
         "no_evidential_kl": {"kl_weight": 0},
         # not a term of the method: the labelled rows and the strong views in one forward pass, sharing batch norm
-        "one_pass_batch_norm": {"train#inferer#separate_passes": False},
+        "one_pass_batch_norm": {"train#trainer#separate_norm_statistics": False},
     },
     "ceds_mediastinum": {
         "no_confidence_mask": {"mode": "ceds", "confidence_threshold": 0.0},

@@ -740,9 +740,8 @@ class IterationProfiler:
 
     Phases (seconds per iteration): ``data`` (``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``: the labelled batch
     from the data loader), ``prepare`` (``ITERATION_STARTED`` -> the student's first forward: moving the batch,
-    unlabelled batches, the frozen teacher and EMA passes run in batch preparation), ``forward`` (the student's
-    forward passes), ``between`` (after the last student forward until ``FORWARD_COMPLETED``: teacher/EMA passes
-    run by the trainer), ``loss`` (-> ``LOSS_COMPLETED``), ``backward`` (-> ``BACKWARD_COMPLETED``),
+    the unlabelled batch, the teacher and EMA passes), ``forward`` (the student's forward passes), ``between``
+    (after the last student forward until ``FORWARD_COMPLETED``), ``loss`` (-> ``LOSS_COMPLETED``), ``backward`` (-> ``BACKWARD_COMPLETED``),
     ``optimiser`` (-> ``MODEL_COMPLETED``: optimiser and scheduler steps) and ``handlers`` (-> ``ITERATION_COMPLETED``:
     EMA updates and the other handlers attached before the profiler).
     """

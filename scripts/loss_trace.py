@@ -119,7 +119,8 @@ def record(out: str, scenarios: list[str] | None = None, work_dir: str | None = 
             proc = subprocess.run(cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                   capture_output=True, text=True)
             if proc.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+                errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}\n" + "\n".join(errors[:10]))
             traces[name] = json.loads(trace.read_text())
             print(f"{name}: {len(traces[name])} iterations, last loss {traces[name][-1]:.6f}", flush=True)
     Path(out).write_text(json.dumps(traces, indent=1) + "\n")

@@ -122,8 +122,7 @@ def test_train_writes_checkpoints_and_metrics(trained):
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert "encoder.in_tr.conv_block.conv.weight" in state and "confidence_out.conv2.weight" in state  # a state_dict
     ckpt = torch.load(models / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"network", "teacher", "optimizer", "confidence_optimizer", "lr_scheduler",
-                         "confidence_lr_scheduler", "trainer"}
+    assert set(ckpt) == {"model", "ema", "optimizer", "lr_scheduler", "trainer"}  # the liver bundle's keys
     assert ckpt["trainer"]["iteration"] == 3 * ckpt["trainer"]["epoch_length"]  # ignite stores iterations
     metrics = (out / "train" / "validation" / "metrics.csv").read_text()
     assert metrics.startswith("val_mean_dice")

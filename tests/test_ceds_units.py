@@ -190,7 +190,18 @@ def test_cosine_lr_lambda(trainer_mod):
     assert f(150) == pytest.approx(0.1)
 
 
-def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, max_epochs=1, **kwargs):
+def _schedule(trainer_mod, mode="ceds", warmup=0.05, confidence_interval=0.125, confidence_length=0.000625):
+    return trainer_mod.CEDSSchedule(mode, warmup, confidence_interval, confidence_length)
+
+
+def _progress(iteration, total):
+    return bundle_module(BUNDLE, "semi_supervised").RunProgress(iteration, total)
+
+
+def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, max_epochs=1, consistency_rampup=1.0,
+                  warmup=0.05, confidence_interval=0.125, confidence_length=0.000625, **kwargs):
+    """A CEDS trainer wired as ``configs/train.json`` wires it (one optimiser, LR and EMA handlers)."""
+    from monai.handlers import LrScheduleHandler
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
@@ -201,73 +212,83 @@ def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, ma
     mean_teacher = bundle_module(BUNDLE, "mean_teacher")
     stream = mean_teacher.UnlabeledStream([{"image": torch.rand(1, 16, 16, 16)} for _ in range(2)] if unlabeled else [],
                                           batch_size=2, shuffle=False)
-    seg_opt = torch.optim.SGD(net.segmentation_parameters(), lr=0.1, momentum=0.9)
-    conf_opt = torch.optim.SGD(net.confidence_parameters(), lr=0.1, momentum=0.9)
-    decay = trainer_mod.cosine_lr_lambda(total_steps=10, base_lr=0.1, min_lr=0.01)
+    schedule = _schedule(trainer_mod, mode, warmup, confidence_interval, confidence_length)
+    loss = losses.CEDSLoss(schedule, DiceCELoss(to_onehot_y=True, softmax=True), losses.ConfidenceCELoss(),
+                           losses.ConfidenceMaskedConsistencyLoss(), consistency_rampup=consistency_rampup)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, trainer_mod.cosine_lr_lambda(total_steps=10, base_lr=0.1, min_lr=0.01))
+    teacher = mean_teacher.ema_network(net)
+    handlers = [LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False),
+                mean_teacher.EMAUpdateHandler(teacher, net, when=lambda engine: engine.updates_teacher())]
     trainer = trainer_mod.CEDSTrainer(
         device="cpu",
         max_epochs=max_epochs,
         train_data_loader=labeled,
         network=net,
-        optimizer=seg_opt,
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        confidence_optimizer=conf_opt,
-        confidence_loss=losses.ConfidenceCELoss(),
-        consistency_loss=losses.ConfidenceMaskedConsistencyLoss(),
-        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(seg_opt, decay),
-        confidence_lr_scheduler=torch.optim.lr_scheduler.LambdaLR(conf_opt, decay),
-        teacher=mean_teacher.ema_network(net),
+        optimizer=optimizer,
+        optim_set_to_none=True,
+        loss_function=loss,
+        schedule=schedule,
+        teacher=teacher,
         unlabeled=stream,
-        mode=mode,
+        train_handlers=handlers,
         **kwargs,
     )
+    trainer.lr_scheduler = lr_scheduler
     return trainer, net
 
 
-def test_phase_schedule(trainer_mod, losses, networks):
+def test_phase_schedule(trainer_mod):
     """The authors' constants as fractions (0.05 / 0.125 / 0.000625) on 8000 epochs of 20 iterations: warm-up
     epochs 1-400, re-training epochs 1001-1005, 2001-2005, ..., 7001-7005, mean teacher otherwise."""
-    trainer, _ = _make_trainer(trainer_mod, losses, networks)
+    schedule = _schedule(trainer_mod)
     length = 20
     total = 8000 * length
 
     def first(epoch):  # the first iteration of a (1-based) epoch
         return (epoch - 1) * length + 1
 
-    phases = {n: trainer.phase(n, total) for n in (1, first(401) - 1, first(401), first(1001) - 1, first(1001),
-                                                   first(1006) - 1, first(1006), first(2001), total)}
+    def phase(s, n):
+        return s.phase(_progress(n, total))
+
+    phases = {n: phase(schedule, n) for n in (1, first(401) - 1, first(401), first(1001) - 1, first(1001),
+                                              first(1006) - 1, first(1006), first(2001), total)}
     assert phases == {1: "warmup", first(401) - 1: "warmup", first(401): "semi", first(1001) - 1: "semi",
                       first(1001): "confidence", first(1006) - 1: "confidence", first(1006): "semi",
                       first(2001): "confidence", total: "semi"}
-    assert sum(trainer.phase(n, total) != "semi" for n in range(1, total + 1)) == 435 * length  # 400 + 7 x 5 epochs
-    mt, _ = _make_trainer(trainer_mod, losses, networks, mode="mean_teacher")
-    assert mt.phase(first(1001), total) == "semi" and mt.phase(5, total) == "warmup"
-    sup, _ = _make_trainer(trainer_mod, losses, networks, mode="supervised")
-    assert sup.phase(total, total) == "warmup"
-    no_retraining, _ = _make_trainer(trainer_mod, losses, networks, confidence_interval=0)
-    assert no_retraining.phase(first(1001), total) == "semi"
-    no_unlabeled, _ = _make_trainer(trainer_mod, losses, networks, unlabeled=False)
-    assert no_unlabeled.mode == "supervised"
+    assert sum(phase(schedule, n) != "semi" for n in range(1, total + 1)) == 435 * length  # 400 + 7 x 5 epochs
+    mt = _schedule(trainer_mod, mode="mean_teacher")
+    assert phase(mt, first(1001)) == "semi" and phase(mt, 5) == "warmup"
+    assert phase(_schedule(trainer_mod, mode="supervised"), total) == "warmup"
+    assert phase(_schedule(trainer_mod, confidence_interval=0), first(1001)) == "semi"
     with pytest.raises(ValueError):
-        _make_trainer(trainer_mod, losses, networks, mode="fixmatch")
+        _schedule(trainer_mod, mode="fixmatch")
     with pytest.raises(ValueError, match="warmup"):  # a number of epochs is not a fraction of the run
-        _make_trainer(trainer_mod, losses, networks, warmup=400)
+        _schedule(trainer_mod, warmup=400)
+
+
+def test_semi_supervised_modes_need_unlabelled_data(trainer_mod, losses, networks):
+    """A semi-supervised schedule without unlabelled data is refused (the config falls back to 'supervised')."""
+    with pytest.raises(ValueError, match="unlabelled"):
+        _make_trainer(trainer_mod, losses, networks, unlabeled=False)
+    trainer, _ = _make_trainer(trainer_mod, losses, networks, mode="supervised", unlabeled=False)
+    assert trainer.unlabeled is None
 
 
 @pytest.mark.parametrize("warmup,total", [(0.05, 8000), (0.3, 7), (0.5, 3), (0.0, 10), (1.0, 4)])
-def test_warmup_length(trainer_mod, losses, networks, warmup, total):
+def test_warmup_length(trainer_mod, warmup, total):
     """The warm-up is exactly the first ``round(warmup * total)`` iterations."""
-    trainer, _ = _make_trainer(trainer_mod, losses, networks, warmup=warmup)
-    phases = [trainer.phase(n, total) for n in range(1, total + 1)]
+    schedule = _schedule(trainer_mod, warmup=warmup)
+    phases = [schedule.phase(_progress(n, total)) for n in range(1, total + 1)]
     n_warmup = round(warmup * total)
     assert phases[:n_warmup] == ["warmup"] * n_warmup and "warmup" not in phases[n_warmup:]
 
 
-def test_short_retraining_window_runs_one_iteration(trainer_mod, losses, networks):
+def test_short_retraining_window_runs_one_iteration(trainer_mod):
     """A re-training window shorter than one iteration still runs one, at the start of every period."""
-    trainer, _ = _make_trainer(trainer_mod, losses, networks, warmup=0.1, confidence_interval=0.25,
-                               confidence_length=0.001)
-    phases = [trainer.phase(n, 20) for n in range(1, 21)]  # period 5, window 1 (0.001 x 20 = 0.02 iterations)
+    schedule = _schedule(trainer_mod, warmup=0.1, confidence_interval=0.25, confidence_length=0.001)
+    phases = [schedule.phase(_progress(n, 20)) for n in range(1, 21)]  # period 5, window 1 (0.02 iterations)
     assert [n for n, p in enumerate(phases, 1) if p == "confidence"] == [6, 11, 16]
 
 
@@ -281,8 +302,8 @@ def _ran_phase(output: dict) -> str:
 
 def test_phases_follow_iterations_not_epochs(trainer_mod, losses, networks):
     """The same schedule on 20 iterations, as 4 epochs of 5 or 2 epochs of 10, runs the same phase in every
-    iteration, with the same consistency weights and optimiser steps; the warm-up is round(0.2 x 20) = 4 iterations
-    and a re-training window straddles an epoch boundary of the first run."""
+    iteration, with the same consistency weights; the warm-up is round(0.2 x 20) = 4 iterations and a re-training
+    window straddles an epoch boundary of the first run."""
     from ignite.engine import Events
 
     schedule = {"warmup": 0.2, "confidence_interval": 0.45, "confidence_length": 0.1, "consistency_rampup": 0.5}
@@ -299,9 +320,7 @@ def test_phases_follow_iterations_not_epochs(trainer_mod, losses, networks):
         trainer.run()
         assert trainer.state.iteration == 20
         assert [p for p, _ in ran] == expected
-        # each cosine schedule advances only when its optimiser steps
-        assert trainer.lr_scheduler.last_epoch == expected.count("warmup") + expected.count("semi")
-        assert trainer.confidence_lr_scheduler.last_epoch == expected.count("warmup") + expected.count("confidence")
+        assert trainer.lr_scheduler.last_epoch == 20  # the learning rate follows the run's iterations
         runs.append(ran)
     assert runs[0] == runs[1]
     # the weight ramps over the first half of the run: exp(-5 (1 - t / 0.5)^2) at t = 4 / 20, then 1 from t = 0.5
@@ -312,29 +331,35 @@ def test_phases_follow_iterations_not_epochs(trainer_mod, losses, networks):
 
 @pytest.mark.parametrize("iteration,phase", [(1, "warmup"), (2, "semi"), (3, "confidence")])
 def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
-    """Each phase steps the right optimiser(s) and only the semi-supervised phase moves the teacher."""
+    """Each phase moves the right parameters (one optimiser: the others get no gradient and are skipped) and only
+    the semi-supervised phase moves the teacher."""
+    from ignite.engine import Events
+
     # 3 epochs of 1 iteration: warm-up, then a 1-iteration re-training window every 2 iterations from the start
-    trainer, net = _make_trainer(trainer_mod, losses, networks, max_epochs=3, warmup=1 / 3, confidence_interval=2 / 3,
-                                 confidence_length=1 / 3)
-    assert trainer.state.max_epochs * trainer.state.epoch_length == 3
-    trainer.state.epoch = trainer.state.iteration = iteration
-    assert trainer.phase(iteration, 3) == phase
-    seg_before = [p.clone() for p in net.segmentation_parameters()]
-    conf_before = [p.clone() for p in net.confidence_parameters()]
-    teacher_before = [p.clone() for p in trainer.teacher.parameters()]
-    out = trainer._iteration(trainer, trainer.data_loader[0])
-    out = out[0] if isinstance(out, list) else out  # decollated by the engine
+    trainer, net = _make_trainer(trainer_mod, losses, networks, max_epochs=iteration, warmup=1 / 3,
+                                 confidence_interval=2 / 3, confidence_length=1 / 3, decollate=False)
+    trainer.state.max_epochs = 3  # the schedule of a 3-iteration run, stopped after `iteration`
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), lambda e: e.terminate())
+    assert trainer.schedule.phase(_progress(iteration, 3)) == phase
+    before = {}
+
+    @trainer.on(Events.ITERATION_STARTED(once=iteration))
+    def _snapshot(engine):
+        before["seg"] = [p.clone() for p in net.segmentation_parameters()]
+        before["conf"] = [p.clone() for p in net.confidence_parameters()]
+        before["teacher"] = [p.clone() for p in trainer.teacher.parameters()]
+
+    trainer.run()
+    out = trainer.state.output
 
     def moved(a, b):
         return any(not torch.equal(x, y) for x, y in zip(a, b))
 
-    assert moved(seg_before, net.segmentation_parameters()) == (phase != "confidence")
-    assert moved(conf_before, net.confidence_parameters()) == (phase != "semi")
-    assert moved(teacher_before, trainer.teacher.parameters()) == (phase == "semi")
-    # each cosine schedule advances only when its optimiser steps (the authors' scheduling)
-    assert trainer.lr_scheduler.last_epoch == int(phase != "confidence")
-    assert trainer.confidence_lr_scheduler.last_epoch == int(phase != "semi")
-    assert math.isfinite(float(out["loss"]))
+    assert trainer.state.iteration == iteration
+    assert moved(before["seg"], net.segmentation_parameters()) == (phase != "confidence")
+    assert moved(before["conf"], net.confidence_parameters()) == (phase != "semi")
+    assert moved(before["teacher"], trainer.teacher.parameters()) == (phase == "semi")
+    assert math.isfinite(float(out["loss"].detach()))
     assert (out["loss_consistency"] > 0) == (phase == "semi")
     assert (out["consistency_weight"] > 0) == (phase == "semi")
     if phase == "semi":  # first iteration after the warm-up: the teacher copies the student (decay 0)

@@ -1,4 +1,5 @@
-"""The module both bundles ship (``scripts/mean_teacher.py``): identical copies, and what each piece does."""
+"""The modules both bundles ship (``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``): identical copies,
+and what each piece does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("mean_teacher.py",)
+COMMON = ("mean_teacher.py", "semi_supervised.py")
 
 
 @pytest.mark.parametrize("name", COMMON)
@@ -86,3 +87,51 @@ def test_unlabeled_stream_cycles_and_empty_disables(mean_teacher):
     assert firsts == [[0, 1], [2], [0, 1], [2]]
     empty = mean_teacher.UnlabeledStream(_Records(0))
     assert not empty and empty.next() is None
+
+
+def test_ema_handler_updates_only_when_asked(mean_teacher):
+    net = torch.nn.Linear(2, 2)
+    ema = mean_teacher.ema_network(net, decay=0.5)
+    handler = mean_teacher.EMAUpdateHandler(ema, net, when=lambda engine: engine == "update")
+    handler("skip")
+    assert int(ema.n_averaged) == 0
+    handler("update")
+    assert int(ema.n_averaged) == 1
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_semi_supervised_trainer_without_unlabelled_data_is_supervised_training(bundle):
+    """With no unlabelled stream and no teacher, the shared trainer takes the same steps as MONAI's
+    SupervisedTrainer, with and without gradient accumulation; the loss's terms reach ``engine.state.output``."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    semi = bundle_module(bundle, "semi_supervised")
+    data = [{"image": torch.randn(4, 3), "label": torch.randn(4, 1)} for _ in range(3)]
+    mse = torch.nn.MSELoss()
+
+    def terms(outputs, targets, unlabelled_outputs, teacher, progress):
+        assert unlabelled_outputs is None and teacher is None
+        loss = mse(outputs, targets)
+        return {"loss": loss, "loss_mse": loss.detach(), "progress": torch.tensor(progress.fraction)}
+
+    for accumulation in (1, 2):
+        weights, outputs = [], []
+        for kind in ("monai", "shared"):
+            torch.manual_seed(0)
+            net = torch.nn.Linear(3, 1)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            common = dict(device="cpu", max_epochs=2, train_data_loader=data, network=net, optimizer=opt,
+                          decollate=False, accumulation_steps=accumulation)
+            if kind == "monai":
+                engine = SupervisedTrainer(loss_function=mse, **common)
+            else:
+                engine = semi.SemiSupervisedTrainer(loss_function=terms, unlabeled=None, **common)
+                engine.add_event_handler(
+                    Events.ITERATION_COMPLETED,
+                    lambda e: outputs.append(e.state.output["progress"]),
+                )
+            engine.run()
+            weights.append(net.weight.detach().clone())
+        torch.testing.assert_close(weights[0], weights[1])
+        assert outputs == pytest.approx([i / 6 for i in range(6)])

@@ -133,8 +133,8 @@ def test_teacher_and_student_checkpoints(trained):
 def test_student_used_every_term(trained):
     log = (trained / "student.log").read_text()
     assert "loaded the frozen teacher" in log
-    logged = [line for line in log.splitlines() if "train_loss:" in line]
-    assert logged and all(f" {term}: " in logged[-1] for term in SSL_TERMS), logged[-1:]
+    logged = [line for line in log.splitlines() if " loss: " in line]
+    assert logged and all(f" loss_{term}: " in logged[-1] for term in SSL_TERMS), logged[-1:]
 
 
 @pytest.mark.integration

@@ -110,11 +110,10 @@ def test_dirichlet_kl_annealing(ev):
     data = (0.75**2 + 0.75**2) + 2 * 0.1875 / 5  # target (0, 1)
     kl = math.log(3) - 2.0 / 3.0  # KL(Dir(3, 1) || Dir(1, 1)) = lnG(4) - lnG(3) + 2 (psi(3) - psi(4))
     loss = ev.DirichletLoss("mse", kl_weight=1.0, annealing=0.4)
-    assert loss(alpha, label1).item() == pytest.approx(data)  # start of the run: no KL
-    loss.progress = 0.1
-    assert loss(alpha, label1).item() == pytest.approx(data + 0.25 * kl)
-    loss.progress = 0.9
-    assert loss(alpha, label1).item() == pytest.approx(data + kl)
+    assert loss(alpha, label1, progress=0.0).item() == pytest.approx(data)  # start of the run: no KL
+    assert loss(alpha, label1, progress=0.1).item() == pytest.approx(data + 0.25 * kl)
+    assert loss(alpha, label1, progress=0.9).item() == pytest.approx(data + kl)
+    assert loss(alpha, label1).item() == pytest.approx(data + kl)  # default: the end of the run
 
 
 def test_dirichlet_digamma_and_log_losses(ev):

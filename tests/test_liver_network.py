@@ -144,15 +144,15 @@ def test_multitask_loss_and_prepare_batch():
     }
     inputs, targets = trainer.MultiTaskPrepareBatch()(batch, "cpu")
     assert torch.allclose(targets["spacing"], torch.full((2, 2), 1.5))
-    loss_fn = trainer.MultiTaskLoss(quant_weight=0.5, edge_weight=0.2)
-    terms = loss_fn.terms(net(inputs), targets)
+    losses = bundle_module(BUNDLE, "losses")
+    loss_fn = losses.MultiTaskLoss(quant_weight=0.5, edge_weight=0.2)
+    terms = loss_fn.supervised_terms(net(inputs), targets, 1.0)
     assert set(terms) == {"seg", "quant", "edge"}
-    total = loss_fn(net(inputs), targets)
-    total.backward()
-    assert torch.isfinite(total)
-    assert set(trainer.MultiTaskLoss(edge_weight=0.0).terms(net(inputs), targets)) == {"seg", "quant"}
-    loss_fn.progress = 0.3
-    assert loss_fn.seg_loss.progress == 0.3
+    result = loss_fn(net(inputs), targets)
+    assert set(result) == {"loss", "loss_seg", "loss_quant", "loss_edge"}
+    result["loss"].backward()
+    assert torch.isfinite(result["loss"])
+    assert set(losses.MultiTaskLoss(edge_weight=0.0).supervised_terms(net(inputs), targets, 1.0)) == {"seg", "quant"}
 
 
 def test_quantification_error_metric():

@@ -1,5 +1,5 @@
 """Semi-supervised CdUgJL pieces of the liver bundle on hand-built tensors: distillation, contrast, KL, consistency,
-ramps, the training loss and batch preparation, EMA, and the uncertainty-quality metrics."""
+ramps, the training loss, the trainer's teacher and student passes, and the uncertainty-quality metrics."""
 
 from __future__ import annotations
 
@@ -249,9 +249,19 @@ def _targets(n: int, size: int = 32) -> dict:
 WEIGHTS = dict(attention_weight=1.0, feature_weight=0.5, contrast_weight=0.4, distill_kl_weight=0.1)
 
 
-def _loss(trainer, distillation, **weights):
+@pytest.fixture(scope="module")
+def losses():
+    return bundle_module("cdugjl_liver", "losses")
+
+
+def _progress(fraction: float):
+    """A RunProgress at ``fraction`` of a 1000-iteration run."""
+    return bundle_module("cdugjl_liver", "semi_supervised").RunProgress(round(fraction * 1000) + 1, 1000)
+
+
+def _loss(losses, distillation, **weights):
     kwargs = {**WEIGHTS, "consistency_weight": 0.1, "edge_weight": 0.1, **weights}
-    return trainer.SemiSupervisedLoss(
+    return losses.CdUgJLLoss(
         distillation=distillation.FeatureDistillationLoss([4, 8, 8, 8, 8]),
         contrast=distillation.RegionContrastiveLoss(8, stage=2, embed_dim=0),
         consistency_rampup=0.5,
@@ -259,84 +269,80 @@ def _loss(trainer, distillation, **weights):
     )
 
 
-def test_semi_supervised_loss_identical_teacher(trainer, distillation):
+def test_semi_supervised_loss_identical_teacher(losses, distillation):
     """A teacher identical to the student (same weights, same input) gives zero attention, feature and KL terms."""
     net = _tiny_net(2).train()
-    x = torch.randn(4, 2, 32, 32)
-    outputs = net(x)
+    x_l, x_u = torch.randn(2, 2, 32, 32), torch.randn(2, 2, 32, 32)
+    outputs, unlabelled = net(x_l), net(x_u)
     with torch.no_grad():
-        teacher = net.forward_all(x)
-    targets = {**_targets(2), "num_labelled": 2, "teacher": teacher, "teacher_rows": torch.arange(4)}
-    loss = _loss(trainer, distillation)
-    terms = loss.terms(outputs, targets)
-    assert set(terms) == {"seg", "quant", "edge", "attention", "feature", "distill_kl", "contrast"}
+        teacher = {"labelled": net.forward_all(x_l), "unlabelled": net.forward_all(x_u)}
+    result = _loss(losses, distillation)(outputs, _targets(2), unlabelled, teacher, _progress(0.2))
+    terms = {"seg", "quant", "edge", "attention", "feature", "distill_kl", "contrast"}
+    assert set(result) == {"loss", "consistency_weight"} | {f"loss_{t}" for t in terms}
     for name in ("attention", "feature", "distill_kl"):
-        assert terms[name].item() == pytest.approx(0.0, abs=1e-5), name
-    total = loss(outputs, targets)
-    total.backward()
-    assert set(loss.last_terms) == set(terms)
+        assert result[f"loss_{name}"].item() == pytest.approx(0.0, abs=1e-5), name
+    result["loss"].backward()
     assert all(p.grad is not None for p in net.stem.parameters())
 
 
 @pytest.fixture(scope="module")
 def ssl_batch():
-    """Student outputs (2 labelled + 2 unlabelled rows) with a teacher and an EMA prediction, computed once."""
+    """Student outputs on 2 labelled and 2 unlabelled slices, the CE teacher's on both and the EMA's, computed once."""
     net = _tiny_net(2).train()
-    outputs = net(torch.randn(4, 2, 32, 32))
+    outputs, unlabelled = net(torch.randn(2, 2, 32, 32)), net(torch.randn(2, 2, 32, 32))
     with torch.no_grad():
-        teacher = _tiny_net(3).eval().forward_all(torch.randn(4, 3, 32, 32))
-        ema = net.forward_all(torch.randn(2, 2, 32, 32))["alpha"]
-    targets = {**_targets(2), "num_labelled": 2, "teacher": teacher, "teacher_rows": torch.arange(4), "ema": ema}
-    return outputs, targets
+        ce_teacher = _tiny_net(3).eval()
+        teacher = {
+            "labelled": ce_teacher.forward_all(torch.randn(2, 3, 32, 32)),
+            "unlabelled": ce_teacher.forward_all(torch.randn(2, 3, 32, 32)),
+            "ema": net.forward_all(torch.randn(2, 2, 32, 32))["alpha"],
+        }
+    return outputs, _targets(2), unlabelled, teacher
 
 
 @pytest.mark.parametrize("zeroed", ["attention_weight", "feature_weight", "contrast_weight", "distill_kl_weight",
                                     "consistency_weight", "edge_weight", "quant_weight"])
-def test_zero_weight_removes_term(trainer, distillation, ssl_batch, zeroed):
-    outputs, targets = ssl_batch
-    name = {"distill_kl_weight": "distill_kl"}.get(zeroed, zeroed[: -len("_weight")])
-    assert name in _loss(trainer, distillation).terms(outputs, targets)
-    terms = _loss(trainer, distillation, **{zeroed: 0.0}).terms(outputs, targets)
-    assert name not in terms and len(terms) == 8 - 1
+def test_zero_weight_removes_term(losses, distillation, ssl_batch, zeroed):
+    name = "loss_" + {"distill_kl_weight": "distill_kl"}.get(zeroed, zeroed[: -len("_weight")])
+    assert name in _loss(losses, distillation)(*ssl_batch, _progress(0.2))
+    terms = [k for k in _loss(losses, distillation, **{zeroed: 0.0})(*ssl_batch, _progress(0.2)) if k != "loss"]
+    assert name not in terms and len([t for t in terms if t.startswith("loss_")]) == 8 - 1
 
 
-def test_supervised_only_and_missing_inputs(trainer):
-    """All SSL weights 0 = the part-1 multi-task loss; terms whose inputs are absent are skipped."""
+def test_terms_follow_their_inputs(losses, distillation, ssl_batch):
+    """Labelled slices without CE images: distillation on the unlabelled slices only; no unlabelled batch: no
+    consistency, no unlabelled distillation; the unlabelled terms move the loss."""
+    outputs, targets, unlabelled, teacher = ssl_batch
+    loss = _loss(losses, distillation)
+    full = loss(outputs, targets, unlabelled, teacher, _progress(0.6))
+    unlabelled_only = loss(outputs, targets, unlabelled, {k: teacher[k] for k in ("unlabelled", "ema")}, _progress(0.6))
+    assert "loss_attention" in unlabelled_only and unlabelled_only["loss_attention"] != full["loss_attention"]
+    labelled_only = loss(outputs, targets, None, teacher, _progress(0.6))
+    assert "loss_consistency" not in labelled_only and "loss_attention" in labelled_only
+    assert full["loss_consistency"] > 0 and full["consistency_weight"] == pytest.approx(0.1)
+
+
+def test_supervised_only_and_missing_inputs(losses):
+    """All SSL weights 0 = the multi-task loss of the teacher and supervised runs."""
     net = _tiny_net(2).train()
     outputs = net(torch.randn(2, 2, 32, 32))
     targets = _targets(2)
-    supervised = trainer.SemiSupervisedLoss(edge_weight=0.1)
-    reference = trainer.MultiTaskLoss(edge_weight=0.1)
-    torch.testing.assert_close(supervised(outputs, targets), reference(outputs, targets))
+    supervised = losses.CdUgJLLoss(edge_weight=0.1)(outputs, targets, None, None, _progress(0.3))
+    reference = losses.MultiTaskLoss(edge_weight=0.1)(outputs, targets, None, None, _progress(0.3))
+    torch.testing.assert_close(supervised["loss"], reference["loss"])
     with pytest.raises(ValueError):
-        trainer.SemiSupervisedLoss(attention_weight=1.0)
+        losses.CdUgJLLoss(attention_weight=1.0)
 
 
-def test_consistency_weight_and_mask_fraction_ramp(trainer, distillation):
-    loss = _loss(trainer, distillation)
-    loss.progress = 0.0
-    start = loss.weights()["consistency"]
-    assert start == pytest.approx(0.1 * math.exp(-5))
-    assert loss.mask_fraction == pytest.approx(0.75 + 0.25 * math.exp(-5))
-    loss.progress = 0.5
-    assert loss.weights()["consistency"] == pytest.approx(0.1) and loss.mask_fraction == pytest.approx(1.0)
-
-
-def test_run_progress_handler_sets_the_fraction_of_the_run(trainer, distillation):
-    """The progress (hence every ramp) depends on the iteration's share of the run, not on the epoch length."""
-    from ignite.engine import Engine
-
-    seen = {}
-    for epoch_length, epochs in ((4, 2), (2, 4)):
-        loss = _loss(trainer, distillation)
-        progress = []
-        engine = Engine(lambda e, b: progress.append((loss.progress, loss.seg_loss.progress, loss.weights()["consistency"])))
-        trainer.RunProgressHandler(loss).attach(engine)
-        engine.run(list(range(epoch_length)), max_epochs=epochs)
-        seen[epoch_length] = progress
-    assert [p[0] for p in seen[4]] == [i / 8 for i in range(8)]
-    assert all(p[0] == p[1] for p in seen[4])  # forwarded to the KL annealing of the segmentation loss
-    assert seen[4] == seen[2]
+def test_consistency_weight_and_kl_ramp_follow_progress(losses, distillation, ssl_batch):
+    """The consistency weight and the KL annealing read the progress argument."""
+    loss = _loss(losses, distillation)
+    start = loss(*ssl_batch, _progress(0.0))
+    assert start["consistency_weight"].item() == pytest.approx(0.1 * math.exp(-5))
+    assert loss(*ssl_batch, _progress(0.5))["consistency_weight"].item() == pytest.approx(0.1)
+    alpha, label = ssl_batch[0]["alpha"], ssl_batch[1]["label"]
+    seg = loss.seg_loss
+    assert seg(alpha, label, 0.0) < seg(alpha, label, 0.05) < seg(alpha, label, 1.0)  # KL annealed over 0.1
 
 
 class _Records(torch.utils.data.Dataset):
@@ -351,67 +357,88 @@ class _Records(torch.utils.data.Dataset):
         return {k: torch.full((sizes[k], 32, 32), float(i)) for k in self.keys}
 
 
-def test_prepare_batch_concatenates_and_runs_teachers(trainer, mean_teacher, caplog):
-    student, teacher = _tiny_net(2), _tiny_net(3).eval()
-    ema = mean_teacher.ema_network(student)
-    stream = mean_teacher.UnlabeledStream(_Records(2), batch_size=2, shuffle=False)
-    prepare = trainer.SemiSupervisedPrepareBatch(stream, teacher, ema)
-    labelled = {**_targets(3), "image": torch.randn(3, 2, 32, 32), "ce": torch.randn(3, 3, 32, 32)}
-    inputs, targets, args, kwargs = prepare(labelled, "cpu")
-    assert inputs.shape == (5, 2, 32, 32) and targets["num_labelled"] == 3
-    assert args == () and kwargs == {"num_labelled": 3}
-    assert targets["teacher_rows"].tolist() == [0, 1, 2, 3, 4] and targets["teacher"]["alpha"].shape[0] == 5
-    assert targets["ema"].shape == (2, 2, 32, 32) and "organs" in targets
-    # labelled records without CE images (MONAI Label): teacher only on the unlabelled rows, noted once
-    del labelled["ce"]
+def _liver_trainer(trainer, mean_teacher, loss, labelled, epochs=1, epoch_length=None, teacher=None, ema=True,
+                   unlabelled=2, **kwargs):
+    student = _tiny_net(2)
+    stream = mean_teacher.UnlabeledStream(_Records(unlabelled), batch_size=2, shuffle=False)
+    return trainer.CdUgJLTrainer(
+        device="cpu", max_epochs=epochs, epoch_length=epoch_length, train_data_loader=labelled, network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=1e-3), loss_function=loss, unlabeled=stream,
+        teacher=teacher, ema=mean_teacher.ema_network(student) if ema else None,
+        prepare_batch=trainer.MultiTaskPrepareBatch(), decollate=False, **kwargs,
+    )
+
+
+def test_trainer_passes_teachers_outputs_and_progress_to_the_loss(trainer, mean_teacher, losses, caplog):
+    """One iteration: the CE teacher on both batches' CE phases, the EMA on the weak views, the student on the
+    labelled slices and the strong views, all handed to the loss with the run's progress; the loss's terms reach
+    ``engine.state.output``."""
+    calls = []
+    real = losses.MultiTaskLoss(edge_weight=0.1)
+
+    def loss(outputs, targets, unlabelled_outputs, teacher, progress):
+        calls.append((outputs["alpha"].shape[0], unlabelled_outputs["alpha"].shape[0],
+                      {k: v["alpha"].shape[0] if isinstance(v, dict) else v.shape[0] for k, v in teacher.items()},
+                      progress.fraction))
+        return real(outputs, targets, unlabelled_outputs, teacher, progress)
+
+    labelled = [{**_targets(3), "image": torch.randn(3, 2, 32, 32), "ce": torch.randn(3, 3, 32, 32)}] * 2
+    engine = _liver_trainer(trainer, mean_teacher, loss, labelled, epochs=2, teacher=_tiny_net(3).eval())
+    engine.run()
+    assert calls == [(3, 2, {"labelled": 3, "unlabelled": 2, "ema": 2}, i / 4) for i in range(4)]
+    assert {"loss", "loss_seg", "loss_quant", "loss_edge"} <= set(engine.state.output)
+    # the same run as 4 epochs of 1 iteration: the same progress
+    calls.clear()
+    _liver_trainer(trainer, mean_teacher, loss, labelled, epochs=4, epoch_length=1, teacher=_tiny_net(3).eval()).run()
+    assert [c[3] for c in calls] == [i / 4 for i in range(4)]
+    # labelled slices without CE images (MONAI Label): the teacher on the unlabelled batch only, warned once
+    calls.clear()
+    plain = [{k: v for k, v in labelled[0].items() if k != "ce"}] * 2
     with caplog.at_level("WARNING"):
-        inputs, targets, *_ = prepare(labelled, "cpu")
-        prepare(labelled, "cpu")
-    assert targets["teacher_rows"].tolist() == [3, 4]
+        _liver_trainer(trainer, mean_teacher, loss, plain, teacher=_tiny_net(3).eval()).run()
+    assert [set(c[2]) for c in calls] == [{"unlabelled", "ema"}] * 2
     assert sum("no 'ce'" in r.message for r in caplog.records) == 1
-    # no unlabelled data, no teacher: the labelled batch alone
-    inputs, targets, _, kwargs = trainer.SemiSupervisedPrepareBatch()(labelled, "cpu")
-    assert inputs.shape[0] == 3 and kwargs == {"num_labelled": 3} and "teacher" not in targets and "ema" not in targets
-    disabled = bundle_module("cdugjl_liver", "distillation").FrozenTeacher(teacher, "absent.pt", enabled=False)
-    assert trainer.SemiSupervisedPrepareBatch(teacher=disabled).teacher is None
+    disabled = bundle_module("cdugjl_liver", "distillation").FrozenTeacher(_tiny_net(3), "absent.pt", enabled=False)
+    assert _liver_trainer(trainer, mean_teacher, loss, plain, teacher=disabled).teacher is None
 
 
-def test_labelled_unlabelled_inferer_keeps_strong_views_out_of_batch_norm(trainer):
+def test_student_passes_keep_strong_views_out_of_batch_norm(trainer, mean_teacher, losses):
     torch.manual_seed(0)
-    student = _tiny_net(2).train()
+    engine = _liver_trainer(trainer, mean_teacher, losses.MultiTaskLoss(), [{}])
+    student = engine.network.train()
     norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms
     labelled, strong = torch.randn(3, 2, 32, 32), 3.0 + 2.0 * torch.randn(2, 2, 32, 32)
-    inferer = trainer.LabelledUnlabelledInferer()
     reference = copy.deepcopy(student)
     expected = reference(labelled)
-    outputs = inferer(torch.cat([labelled, strong]), student, num_labelled=3)
-    # labelled rows: as a labelled-only pass, whatever the strong views are
-    assert outputs["alpha"].shape[0] == 5 and len(outputs["features"]) == len(expected["features"])
-    torch.testing.assert_close(outputs["alpha"][:3], expected["alpha"])
-    torch.testing.assert_close(outputs["features"][2][:3], expected["features"][2])
-    # unlabelled rows: normalised with their own batch statistics
-    torch.testing.assert_close(outputs["alpha"][3:], copy.deepcopy(reference)(strong)["alpha"])
+    outputs, unlabelled = engine.run_student(labelled, {"strong": strong}, _progress(0.0))
+    # labelled slices: as a labelled-only pass, whatever the strong views are
+    torch.testing.assert_close(outputs["alpha"], expected["alpha"])
+    torch.testing.assert_close(outputs["features"][2], expected["features"][2])
+    # unlabelled slices: normalised with their own batch statistics
+    torch.testing.assert_close(unlabelled["alpha"], copy.deepcopy(reference)(strong)["alpha"])
     # running statistics: the labelled pass only; the layers track again afterwards
     for mine, theirs in zip(norms, [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]):
         torch.testing.assert_close(mine.running_mean, theirs.running_mean)
         torch.testing.assert_close(mine.running_var, theirs.running_var)
         assert mine.track_running_stats and int(mine.num_batches_tracked) == 1
     # the unlabelled pass is part of the graph
-    outputs["alpha"][3:].sum().backward()
+    unlabelled["alpha"].sum().backward()
     assert all(p.grad is not None for p in student.stem.parameters())
-    # one shared pass: the strong views change the labelled rows
-    shared = trainer.LabelledUnlabelledInferer(separate_passes=False)(torch.cat([labelled, strong]), reference,
-                                                                     num_labelled=3)
-    assert not torch.allclose(shared["alpha"][:3], expected["alpha"])
-    # a batch without unlabelled rows is one ordinary pass
-    student.eval()
-    torch.testing.assert_close(inferer(labelled, student, num_labelled=3), student(labelled))
+    # one shared pass: the strong views change the labelled slices
+    engine.network = reference
+    engine.separate_norm_statistics = False
+    shared, _ = engine.run_student(labelled, {"strong": strong}, _progress(0.0))
+    assert not torch.allclose(shared["alpha"], expected["alpha"])
+    # no unlabelled batch: one ordinary pass
+    shared_none, none = engine.run_student(labelled, None, _progress(0.0))
+    assert none is None and shared_none["alpha"].shape[0] == 3
 
 
-def test_all_reduce_handler_is_a_no_op_without_process_group(trainer):
+def test_all_reduce_handler_is_a_no_op_without_process_group():
+    handlers = bundle_module("cdugjl_liver", "handlers")
     module = torch.nn.Linear(2, 2)
-    handler = trainer.AllReduceGradientsHandler(module)
+    handler = handlers.AllReduceGradientsHandler(module)
     handler.broadcast(None)
     handler(None)
     assert module.weight.grad is None

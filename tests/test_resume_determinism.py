@@ -149,10 +149,9 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
     resume_from.write_bytes((ckpt_dir / f"checkpoint_epoch={saved}.pt").read_bytes())
 
     probe = tmp_path / "restored.pt"
-    states = ("{'network': e.network.state_dict(), 'teacher': e.teacher.state_dict(), "
-              "'optimizer': e.optimizer.state_dict(), 'confidence_optimizer': e.confidence_optimizer.state_dict(), "
-              "'lr_scheduler': e.lr_scheduler.state_dict(), "
-              "'confidence_lr_scheduler': e.confidence_lr_scheduler.state_dict(), 'trainer': e.state_dict()}")
+    states = ("{'model': e.network.state_dict(), 'ema': e.teacher.state_dict(), "
+              "'optimizer': e.optimizer.state_dict(), 'lr_scheduler': @lr_scheduler.state_dict(), "
+              "'trainer': e.state_dict()}")
     overlay = restored_state_probe(tmp_path, probe, states)
     proc = run_cmd(ceds_cmd(*common, "--resume", "True", "--resume_checkpoint", str(resume_from),
                             extra_configs=(str(overlay),)), cwd=tmp_path, timeout=300, env=ENV)
@@ -164,31 +163,23 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
     # what the resumed run restored equals the checkpoint: network, teacher, optimisers, schedulers, trainer
     ckpt = torch.load(resume_from, map_location="cpu", weights_only=True)
     restored = torch.load(probe, map_location="cpu", weights_only=True)
-    assert set(ckpt) == set(restored) == {"network", "teacher", "optimizer", "confidence_optimizer", "lr_scheduler",
-                                          "confidence_lr_scheduler", "trainer"}
-    for key in ("network", "teacher", "optimizer", "confidence_optimizer", "lr_scheduler", "confidence_lr_scheduler"):
+    assert set(ckpt) == set(restored) == {"model", "ema", "optimizer", "lr_scheduler", "trainer"}
+    for key in ("model", "ema", "optimizer", "lr_scheduler"):
         assert_same(ckpt[key], restored[key], key)
     # ignite keeps the iteration count (epoch = iteration // epoch_length) and the current run's max_epochs
     assert_same(ckpt["trainer"], {**restored["trainer"], "max_epochs": ckpt["trainer"]["max_epochs"]}, "trainer")
     assert restored["trainer"]["iteration"] == saved * restored["trainer"]["epoch_length"]
     assert restored["trainer"]["max_epochs"] == epochs
-    assert int(ckpt["teacher"]["n_averaged"]) == 6 * saved  # an AveragedModel, updated in the 6 semi iterations of 8
-    assert any(not torch.equal(ckpt["teacher"]["module." + k], v) for k, v in ckpt["network"].items())  # a real EMA
-    assert ckpt["optimizer"]["state"] and ckpt["confidence_optimizer"]["state"]  # both optimisers stepped
+    assert int(ckpt["ema"]["n_averaged"]) == 6 * saved  # an AveragedModel, updated in the 6 semi iterations of 8
+    assert any(not torch.equal(ckpt["ema"]["module." + k], v) for k, v in ckpt["model"].items())  # a real EMA
+    assert ckpt["optimizer"]["state"]
 
     final = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     length = final["trainer"]["epoch_length"]
     assert final["trainer"]["iteration"] == epochs * length and final["trainer"]["max_epochs"] == epochs
-    # the schedules continued from the checkpoint: re-training iterations step the confidence optimiser only, the
-    # others the segmentation optimiser only
+    # the learning-rate schedule continued from the checkpoint, one step per iteration
     total = epochs * length
-    period, window = round(RESUME_INTERVAL * total), round(RESUME_LENGTH * total)
-    assert (period, window) == (8, 2)
-    steps = {"lr_scheduler": 0, "confidence_lr_scheduler": 0}
-    for i in range(saved * length, total):
-        steps["confidence_lr_scheduler" if i % period < window else "lr_scheduler"] += 1
-    for key, n in steps.items():
-        assert final[key]["last_epoch"] == ckpt[key]["last_epoch"] + n, key
+    assert final["lr_scheduler"]["last_epoch"] == ckpt["lr_scheduler"]["last_epoch"] + total - saved * length
 
 
 @pytest.mark.integration
@@ -256,7 +247,7 @@ def test_ceds_same_seed_same_metrics(tmp_path, ct_data):
     a, b = ((r / "train" / "validation" / "metrics.csv").read_text() for r in runs)
     assert a.startswith("val_mean_dice") and a == b  # the metrics of the last validation
     ckpt_a, ckpt_b = (torch.load(r / "models" / "checkpoint.pt", map_location="cpu", weights_only=True) for r in runs)
-    for key in ("network", "teacher", "optimizer", "confidence_optimizer"):
+    for key in ("model", "ema", "optimizer"):
         assert_same(ckpt_a[key], ckpt_b[key], key)
 
 
@@ -275,7 +266,8 @@ def test_liver_same_seed_same_metrics(tmp_path, liver_data):
         log = (proc.stdout + proc.stderr).splitlines()
         logs.append([ln.split(" - ")[-1] for ln in log if ITER_LINE.search(ln) or "val_mean_dice" in ln])
     assert len([ln for ln in logs[0] if ITER_LINE.search(ln)]) == 2 and any("val_mean_dice" in ln for ln in logs[0])
-    assert any("consistency: 0.0000" not in ln for ln in logs[0] if ITER_LINE.search(ln))  # the EMA term is on
+    assert any("loss_consistency: " in ln and "loss_consistency: 0.0000" not in ln
+               for ln in logs[0] if ITER_LINE.search(ln))  # the EMA term is on
     assert logs[0] == logs[1]
     ckpt_a, ckpt_b = (torch.load(r / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
                       for r in runs)

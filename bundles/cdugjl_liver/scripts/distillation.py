@@ -93,7 +93,7 @@ class FrozenTeacher(nn.Module):
         ckpt_path: the teacher's weights (see :func:`load_teacher`).
         device: where to put it.
         enabled: ``False`` when no distillation term is active or no training record has contrast-enhanced
-            images; the trainer then ignores the teacher (see :class:`scripts.trainer.SemiSupervisedPrepareBatch`).
+            images; the trainer then ignores the teacher (see :class:`scripts.trainer.CdUgJLTrainer`).
     """
 
     def __init__(

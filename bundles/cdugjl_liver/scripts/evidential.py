@@ -175,7 +175,8 @@ class DirichletLoss(nn.Module):
     - ``"mse"``: ``sum_k (y_k - p_k)^2 + p_k (1 - p_k) / (S + 1)`` (Sensoy eq. 5);
     - ``"digamma"``: ``sum_k y_k (psi(S) - psi(alpha_k))`` (eq. 4); ``"log"``: the same with ``log``;
 
-    plus ``kl_weight * min(1, progress / annealing) * KL(Dir(alpha_tilde) || Dir(1))`` with the true-class
+    plus ``kl_weight * min(1, t / annealing) * KL(Dir(alpha_tilde) || Dir(1))`` (``t``: the fraction of the run's
+    iterations done, the ``progress`` argument) with the true-class
     evidence removed, ``alpha_tilde = y + (1 - y) alpha``; optionally plus ``dice_weight`` times MONAI's soft Dice
     loss on the expected probability ``p`` (foreground channels only).
 
@@ -184,9 +185,6 @@ class DirichletLoss(nn.Module):
         kl_weight: weight of the KL regulariser at the end of the annealing.
         annealing: fraction of the run over which the KL weight ramps linearly from 0 (``<= 0``: no ramp).
         dice_weight: weight of the Dice term (0 disables it).
-
-    The run's progress, the fraction of its iterations completed, is held in :attr:`progress` (set by
-    :class:`scripts.trainer.RunProgressHandler`).
     """
 
     def __init__(
@@ -200,20 +198,19 @@ class DirichletLoss(nn.Module):
         self.annealing = annealing
         self.dice_weight = dice_weight
         self.dice = DiceLoss(include_background=False, to_onehot_y=False, softmax=False)
-        self.progress = 0.0
 
-    @property
-    def kl_ramp(self) -> float:
-        """The KL ramp ``min(1, progress / annealing)``."""
+    def kl_ramp(self, progress: float) -> float:
+        """The KL ramp ``min(1, progress / annealing)`` (1 without annealing)."""
         if self.annealing <= 0:
             return 1.0
-        return min(1.0, self.progress / self.annealing)
+        return min(1.0, progress / self.annealing)
 
-    def forward(self, alpha: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, alpha: torch.Tensor, target: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
         """
         Args:
             alpha: ``[B, K, *spatial]`` Dirichlet concentrations.
             target: ``[B, 1, *spatial]`` class indices (or ``[B, K, *spatial]`` one-hot).
+            progress: the fraction of the run's iterations done, in [0, 1] (the KL annealing; 1: full weight).
 
         Returns:
             the scalar loss (mean over voxels and batch).
@@ -233,7 +230,7 @@ class DirichletLoss(nn.Module):
         loss = data.mean()
         if self.kl_weight > 0:
             alpha_tilde = onehot + (1 - onehot) * alpha
-            loss = loss + self.kl_weight * self.kl_ramp * dirichlet_kl_uniform(alpha_tilde).mean()
+            loss = loss + self.kl_weight * self.kl_ramp(progress) * dirichlet_kl_uniform(alpha_tilde).mean()
         if self.dice_weight > 0:
             loss = loss + self.dice_weight * self.dice(prob, onehot)
         return loss

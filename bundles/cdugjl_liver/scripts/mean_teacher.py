@@ -120,21 +120,30 @@ def ema_network(network: nn.Module, decay: float = 0.99) -> AveragedModel:
 
 
 class EMAUpdateHandler:
-    """Updates an EMA copy (:func:`ema_network`) from the student after every iteration.
+    """Updates an EMA copy (:func:`ema_network`) from the student after every iteration (or those ``when`` picks).
 
     Args:
         ema: the ``AveragedModel``.
         network: the student (possibly DDP-wrapped); default: the engine's ``network``.
+        when: ``engine -> bool``, whether to update after the engine's current iteration; default: always.
     """
 
-    def __init__(self, ema: AveragedModel, network: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        ema: AveragedModel,
+        network: nn.Module | None = None,
+        when: Callable[[Engine], bool] | None = None,
+    ) -> None:
         self.ema = ema
         self.network = network
+        self.when = when
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if self.when is not None and not self.when(engine):
+            return
         network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
         self.ema.update_parameters(unwrap(network))
 

@@ -5,19 +5,24 @@
 - :func:`sharpen`: temperature sharpening of probabilities, ``P^(1/T) / (P^(1/T) + (1 - P)^(1/T))``.
 - :class:`ConfidenceMaskedConsistencyLoss`: squared error between the student's probabilities and the teacher's
   sharpened probabilities, counted only where the teacher's P(correct) exceeds a threshold.
+- :class:`CEDSLoss`: the training loss of each phase of :class:`scripts.trainer.CEDSSchedule`, called by
+  :class:`scripts.trainer.CEDSTrainer` with explicit arguments.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mean_teacher import top_fraction_per_class
+from .mean_teacher import sigmoid_rampup, top_fraction_per_class
+from .semi_supervised import RunProgress
 
-__all__ = ["ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen"]
+__all__ = ["CEDSLoss", "ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen"]
 
 
 def sharpen(prob: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -155,3 +160,90 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         if self.normalization == "mean":
             return masked / dist.numel()
         return masked / (mask.sum() * dist.shape[1]).clamp(min=1.0)
+
+
+class CEDSLoss(nn.Module):
+    """The CEDS training loss of each phase of a :class:`scripts.trainer.CEDSSchedule`.
+
+    - ``warmup``: ``seg_loss(seg, label) + confidence_loss(confidence, seg, label)``;
+    - ``confidence``: ``confidence_loss(confidence, seg, label)``;
+    - ``semi``: ``seg_loss(seg, label) + w(t) * consistency_loss(student, teacher, teacher confidence)`` over the
+      labelled and unlabelled patches, with ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup)``
+      (``t``: the fraction of the run done); the teacher's confidence masks the consistency in ``"ceds"`` mode only.
+
+    Args:
+        schedule: the run's :class:`scripts.trainer.CEDSSchedule` (also the trainer's).
+        seg_loss: ``(seg_logits, label) -> scalar`` (DiceCE).
+        confidence_loss: ``(confidence_logits, seg_logits, label) -> scalar`` (:class:`ConfidenceCELoss`).
+        consistency_loss: ``(student_logits, teacher_logits, teacher_confidence_logits or None) -> scalar``
+            (:class:`ConfidenceMaskedConsistencyLoss`).
+        consistency_weight: maximum weight of the consistency loss.
+        consistency_rampup: length of the ``exp(-5 (1 - t / L)^2)`` ramp of the weight, a fraction ``L`` of the
+            run in [0, 1]; 1 ramps over the whole run (the paper), 0 disables the ramp.
+    """
+
+    def __init__(
+        self,
+        schedule: Any,
+        seg_loss: Callable,
+        confidence_loss: Callable,
+        consistency_loss: Callable,
+        consistency_weight: float = 1.0,
+        consistency_rampup: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= consistency_rampup <= 1.0:
+            raise ValueError(f"consistency_rampup is a fraction of the run's iterations in [0, 1], got {consistency_rampup}.")
+        self.schedule = schedule
+        self.seg_loss = seg_loss
+        self.confidence_loss = confidence_loss
+        self.consistency_loss = consistency_loss
+        self.consistency_weight = consistency_weight
+        self.consistency_rampup = consistency_rampup
+
+    def forward(
+        self,
+        outputs: tuple[torch.Tensor, torch.Tensor],
+        targets: torch.Tensor,
+        unlabelled_outputs: tuple[torch.Tensor, torch.Tensor] | None,
+        teacher: Mapping[str, torch.Tensor] | None,
+        progress: RunProgress,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the student's ``(seg_logits, confidence_logits)`` on the labelled patches.
+            targets: the labels ``[n_l, 1, *spatial]``.
+            unlabelled_outputs: the student's outputs on the unlabelled patches (``semi`` phase), or ``None``.
+            teacher: :meth:`scripts.trainer.CEDSTrainer.run_teacher`'s dict on the labelled and unlabelled patches
+                (``semi`` phase), or ``None``.
+            progress: the iteration's place in the run.
+
+        Returns:
+            ``"loss"`` (the optimised total), ``"loss_seg"``, ``"loss_confidence"``, ``"loss_consistency"`` and
+            ``"consistency_weight"`` (terms not used in the phase are 0).
+        """
+        phase = self.schedule.phase(progress)
+        seg, confidence = outputs
+        zero = seg.new_zeros(())
+        loss_seg, loss_confidence, loss_consistency, weight = zero, zero, zero, 0.0
+        if phase == "warmup":
+            loss_seg = self.seg_loss(seg, targets)
+            loss_confidence = self.confidence_loss(confidence, seg, targets)
+            loss = loss_seg + loss_confidence
+        elif phase == "confidence":
+            loss_confidence = self.confidence_loss(confidence, seg, targets)
+            loss = loss_confidence
+        else:
+            loss_seg = self.seg_loss(seg, targets)
+            student = seg if unlabelled_outputs is None else torch.cat([seg, unlabelled_outputs[0]])
+            mask_logits = teacher["confidence"] if self.schedule.mode == "ceds" else None  # type: ignore[index]
+            loss_consistency = self.consistency_loss(student, teacher["seg"], mask_logits)  # type: ignore[index]
+            weight = self.consistency_weight * sigmoid_rampup(progress.fraction, self.consistency_rampup)
+            loss = loss_seg + weight * loss_consistency
+        return {
+            "loss": loss,
+            "loss_seg": loss_seg.detach(),
+            "loss_confidence": loss_confidence.detach(),
+            "loss_consistency": loss_consistency.detach(),
+            "consistency_weight": torch.tensor(weight),
+        }

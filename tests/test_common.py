@@ -1,4 +1,5 @@
-"""The modules both bundles ship (``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``): identical copies,
+"""The modules both bundles ship (``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``,
+``scripts/surface_metrics.py``, tested in ``test_undefined_distances.py``): identical copies,
 and what each piece does."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("mean_teacher.py", "semi_supervised.py")
+COMMON = ("mean_teacher.py", "semi_supervised.py", "surface_metrics.py")
 
 
 @pytest.mark.parametrize("name", COMMON)

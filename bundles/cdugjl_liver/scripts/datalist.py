@@ -1,22 +1,24 @@
-"""Reading the bundle's MSD-style datalists.
+"""Reading the MSD-style datalists of the bundles of this collection.
 
 A datalist is a JSON file with the splits ``training`` (labelled records), ``unlabeled`` (records without
-``label``/``organs``), ``validation`` and ``test``; every record looks like::
+``label``/``organs``), ``validation`` and ``test``; a record of the liver bundle looks like::
 
     {"case": "liver_000",
      "image": ["imagesTr/liver_000_t2w.nii.gz", "imagesTr/liver_000_dwi.nii.gz"],
      "ce": ["imagesTr/liver_000_art.nii.gz", "imagesTr/liver_000_pv.nii.gz", "imagesTr/liver_000_delay.nii.gz"],
      "label": "labelsTr/liver_000.nii.gz", "organs": "organsTr/liver_000.nii.gz"}
 
-with paths relative to the datalist's folder (absolute paths are kept). ``monai.data.load_decathlon_datalist``
-joins only ``image``/``label`` unconditionally and joins other keys only when the joined path happens to exist
-(so a ``case`` name equal to a file name would be rewritten); :func:`load_datalist` instead resolves exactly the
-path-valued keys in :data:`PATH_KEYS` (the same ``normpath(join(base_dir, path))`` rule) and leaves every other key
-untouched.
+and one of the CT bundle ``{"case", "image", "label", "organs"}``, with paths relative to the datalist's folder
+(absolute paths are kept). ``monai.data.load_decathlon_datalist`` joins only ``image``/``label`` unconditionally and
+joins other keys only when the joined path happens to exist (so a ``case`` name equal to a file name would be
+rewritten); :func:`load_datalist` instead resolves exactly the path-valued keys in :data:`PATH_KEYS` (the same
+``normpath(join(base_dir, path))`` rule) and leaves every other key untouched.
 
 The contrast-enhanced phases are ``ce``, a name that MONAI 1.6's ``Spacingd`` leaves alone (it treats every entry
-named ``image_*`` as a meta dict of ``image``); datalists of bundle versions before 0.5.0 named them ``image_ce``,
-which :func:`load_datalist` still reads (with a warning).
+named ``image_*`` as a meta dict of ``image``); liver datalists of bundle versions before 0.5.0 named them
+``image_ce``, which :func:`load_datalist` still reads (with a warning).
+
+Each bundle is downloaded alone, so each ships this module; the copies are identical (``tests/test_common.py``).
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class BundleProfile:
         split: keyword arguments of ``phantoms.datalist`` (``val_fraction``, ``test_fraction``).
         overlays: config files applied after ``train.json`` (and ``evaluate.json``), relative to ``configs/``.
         train: overrides of every training run (student and teacher).
-        teacher: extra overrides of the liver teacher's training (``train_teacher.json``).
+        teacher: extra overrides of the liver teacher's training (``train.json`` + ``train_teacher.json``).
     """
 
     data: dict
@@ -143,7 +143,7 @@ PROFILES = {
         "ceds_mediastinum": BundleProfile(
             data={"n_cases": 10, "size": 48, "n_slices": 32},
             overlays=("cpu_demo.json",),
-            train={"channels": [2, 4, 8, 16, 32], "patch_size": [16, 16, 16], "epochs": 2, "epoch_length": 2,
+            train={"channels": [2, 4, 8, 16, 32], "roi_size": [16, 16, 16], "epochs": 2, "epoch_length": 2,
                    "val_interval": 2, "warmup": 0.5, "confidence_interval": 0.5, "confidence_length": 0.5},
         ),
     },
@@ -308,7 +308,7 @@ class Benchmark:
                 prof = self.profiles["cdugjl_liver"]
                 overrides = {**self._common("cdugjl_liver", ratio, out), "output_dir": out / "train",
                              "seed": seed, **prof.train, **prof.teacher}
-                cmd = _bundle_cmd("cdugjl_liver", ["train_teacher.json", *prof.overlays], overrides)
+                cmd = _bundle_cmd("cdugjl_liver", ["train.json", "train_teacher.json", *prof.overlays], overrides)
                 seconds = _run_logged(cmd, out / "train.log", self.threads)
                 curve = validation_curve(out / "train.log", int(overrides.get("epoch_length") or 1))
                 done.write_text(json.dumps({"seconds": seconds, "command": [str(c) for c in cmd],

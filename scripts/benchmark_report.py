@@ -38,12 +38,12 @@ BUNDLES = ("ceds_mediastinum", "cdugjl_liver")
 RATIOS = (10, 20, 100)
 OWN_METHOD = {"ceds_mediastinum": "ceds", "cdugjl_liver": "cdugjl"}
 METHOD_ORDER = ("supervised", "mean_teacher", "ceds", "cdugjl")
-# displayed metric -> metrics.csv key of each bundle's evaluate.json
+# displayed metric -> metrics.csv key of the bundles' evaluate.json (the same names in both)
+_SEGMENTATION = {"Dice": "test_mean_dice", "HD95 (mm)": "test_hd95_mm", "ASD (mm)": "test_asd_mm"}
 METRICS = {
-    "ceds_mediastinum": {"Dice": "dice", "HD95 (mm)": "hd95", "ASD (mm)": "asd"},
-    "cdugjl_liver": {"Dice": "test_mean_dice", "HD95 (mm)": "test_hd95_mm", "ASD (mm)": "test_asd_mm",
-                     "X MAE (mm)": "test_x_mae_mm", "Y MAE (mm)": "test_y_mae_mm", "area MAE (mm²)": "test_area_mae_mm2",
-                     "ECE": "test_ece", "unc. AUROC": "test_uncertainty_auroc"},
+    "ceds_mediastinum": _SEGMENTATION,
+    "cdugjl_liver": {**_SEGMENTATION, "X MAE (mm)": "test_x_mae_mm", "Y MAE (mm)": "test_y_mae_mm",
+                     "area MAE (mm²)": "test_area_mae_mm2", "ECE": "test_ece", "unc. AUROC": "test_uncertainty_auroc"},
 }
 ACCURACY_COMMAND = "python scripts/benchmark_accuracy.py run --profile {profile}"
 REPORT_COMMAND = "python scripts/benchmark_report.py report --profile {profile}"
@@ -383,7 +383,7 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 100, seed: int =
                 if nib.load(data / r["label"]).get_fdata().any()][:n_cases]  # cases with a tumour
         records = [{k: ([str(data / x) for x in v] if isinstance(v, list) else str(data / v))
                     for k, v in r.items() if k in ("image", "label")} for r in test]
-        network = {k: v for k, v in prof.train.items() if k in ("channels", "pixdim", "patch_size")}
+        network = {k: v for k, v in prof.train.items() if k in ("channels", "pixdim", "roi_size")}
         pred_dir = run_dir / "figure"
         cmd = ba._bundle_cmd(bundle, ["inference.json", *prof.overlays],
                              {"data": [{"image": r["image"]} for r in records], "checkpoint": ckpt,

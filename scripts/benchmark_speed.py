@@ -1065,7 +1065,7 @@ def inference(
         mri_shape: MRI volume, channels first ``[C, H, W, D]`` (C = the bundle's ``in_channels``, 2).
         widths: network widths to benchmark: "cpu_demo" and/or "paper".
         bundles: the bundles to benchmark.
-        roi_size: CT sliding-window size (default: ``patch_size`` of the CEDS ``inference.json``).
+        roi_size: CT sliding-window size (default: ``roi_size`` of the CEDS ``inference.json``).
         ct_sw_batch_size: CT windows per forward pass (default: ``sw_batch_size`` of ``inference.json``).
         overlap: CT window overlap (default: ``sw_overlap`` of ``inference.json``).
         mri_sw_batch_size: slices per forward pass (default: ``sw_batch_size`` of the liver ``inference.json``).
@@ -1089,7 +1089,7 @@ def inference(
     liver = bundle_config("cdugjl_liver", ["inference.json"])
     ct = {
         "shape": [1, *map(int, ct_shape)],
-        "roi_size": list(roi_size or ceds.get_parsed_content("patch_size")),
+        "roi_size": list(roi_size or ceds.get_parsed_content("roi_size")),
         "sw_batch_size": int(ct_sw_batch_size or ceds.get_parsed_content("sw_batch_size")),
         "overlap": float(overlap if overlap is not None else ceds.get_parsed_content("sw_overlap")),
         "real_batches": ct_window_batches,

@@ -516,7 +516,7 @@ def _liver_record(case: str) -> dict:
     return {
         "case": case,
         "image": [f"imagesTr/{case}_{s}.nii.gz" for s in LIVER_SEQUENCES],
-        "image_ce": [f"imagesTr/{case}_{s}.nii.gz" for s in LIVER_CE_PHASES],
+        "ce": [f"imagesTr/{case}_{s}.nii.gz" for s in LIVER_CE_PHASES],
         "label": f"labelsTr/{case}.nii.gz",
         "organs": f"organsTr/{case}.nii.gz",
     }

@@ -76,7 +76,7 @@ def test_tiny_profile_runs_resumes_and_reports(tmp_path):
     files = sorted((results / "accuracy" / "tiny" / "ceds_mediastinum" / "accuracy").glob("*.json"))
     assert [f.name for f in files] == ["r010_ceds_s0.json", "r010_supervised_s0.json"]
     record = json.loads(files[0].read_text())
-    assert record["overrides"] == {"mode": "ceds"} and 0.0 <= record["metrics"]["dice"] <= 1.0
+    assert record["overrides"] == {"mode": "ceds"} and 0.0 <= record["metrics"]["test_mean_dice"] <= 1.0
     assert "--eval_checkpoint" in record["commands"]["evaluate"]  # the final checkpoint, not a selected one
     # finished runs are skipped
     again = run_cmd(cmd, cwd=tmp_path, timeout=120, env=ENV)
@@ -89,7 +89,7 @@ def test_tiny_profile_runs_resumes_and_reports(tmp_path):
     text = doc.read_text()
     block = text[text.index("<!-- begin:accuracy_ceds_mediastinum -->"):text.index("<!-- end:accuracy_ceds")]
     assert "python scripts/benchmark_accuracy.py run --profile tiny" in block
-    assert f"| 10 % | ceds | 1 | {record['metrics']['dice']:.3f} ± 0.000 |" in block
+    assert f"| 10 % | ceds | 1 | {record['metrics']['test_mean_dice']:.3f} ± 0.000 |" in block
     assert (tmp_path / "benchmarks" / "dice_vs_label_ratio_tiny.png").stat().st_size > 1000
     summary = json.loads((results / "summary.json").read_text())
     assert {(r["ratio"], r["method"]) for r in summary["accuracy"]} == {(10, "supervised"), (10, "ceds")}

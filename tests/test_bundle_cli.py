@@ -38,8 +38,6 @@ ONNX_TOL = {"atol": 1e-4, "rtol": 1e-4}
 TRACED = {"cdugjl_liver"}
 # networks with Mamba layers, exported through the pure-PyTorch selective scan
 MAMBA = {"cdugjl_liver"}
-# cpu_demo.json key holding the network's input patch (sliding-window roi) size
-PATCH_KEYS = ("patch_size", "roi_size")
 
 # Builds network_def from the configs, loads models/model.pt, and writes the eager, TorchScript and onnxruntime
 # outputs for one seeded input (and the eager and TorchScript outputs for a batch of two) to an .npz file, with the
@@ -106,8 +104,7 @@ def input_shape(bundle: Path) -> list[int]:
     """``[1, C, *patch]``: channels from the metadata, spatial size from ``cpu_demo.json``."""
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     demo = json.loads((bundle / "configs" / "cpu_demo.json").read_text())
-    patch = next(demo[k] for k in PATCH_KEYS if k in demo)
-    return [1, meta["network_data_format"]["inputs"]["image"]["num_channels"], *patch]
+    return [1, meta["network_data_format"]["inputs"]["image"]["num_channels"], *demo["roi_size"]]
 
 
 def bundle_cli(command: str, bundle: Path, *args: str, cwd: Path, cpu_demo: bool = True):

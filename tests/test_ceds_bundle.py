@@ -24,7 +24,7 @@ CONFIGS = BUNDLE / "configs"
 # tiny widths and patches on top of cpu_demo.json; three epochs of one iteration (one labelled case) run the three
 # phases: warm-up (the first third of the run), semi-supervised, then confidence re-training (the window of a third of
 # the run that starts every two thirds)
-TINY = ["--channels", "[4,8,16,32,64]", "--patch_size", "[32,32,32]", "--sw_batch_size", "2"]
+TINY = ["--channels", "[4,8,16,32,64]", "--roi_size", "[32,32,32]", "--sw_batch_size", "2"]
 SCHEDULE = ["--warmup", str(1 / 3), "--confidence_interval", str(2 / 3), "--confidence_length", str(1 / 3),
             "--val_interval", "3"]
 
@@ -61,7 +61,7 @@ def test_configs_reference_top_level_hyperparameters():
     assert all("#" not in k and "::" not in k for k in demo)
     train = json.loads((CONFIGS / "train.json").read_text())
     infer = json.loads((CONFIGS / "inference.json").read_text())
-    for key in ("channels", "patch_size", "pixdim", "sw_batch_size"):
+    for key in ("channels", "roi_size", "pixdim", "sw_batch_size"):
         assert key in train and key in infer
     assert isinstance(train["train"]["handlers"], list)
     assert train["train"]["dataset"]["data"]["split"] == "training"
@@ -153,15 +153,15 @@ def test_evaluate(trained, ct_data):
     bundle_run(["train.json", "evaluate.json"], out, *data_args(ct_data), "--ckpt_dir", str(out / "models"),
                "--output_dir", str(out / "evaluate"))
     test_cases = json.loads((ct_data / "datalist_20.json").read_text())["test"]
-    for metric in ("dice", "hd95", "asd"):
+    for metric in ("test_mean_dice", "test_hd95_mm", "test_asd_mm"):  # the liver bundle's names
         rows = (out / "evaluate" / f"{metric}_raw.csv").read_text().strip().splitlines()
         assert len(rows) == 1 + len(test_cases)
         assert sorted(Path(r.split(",")[0]).name for r in rows[1:]) == sorted(Path(c["image"]).name for c in test_cases)
         assert (out / "evaluate" / f"{metric}_summary.csv").exists()
     summary = dict(line.split("\t") if "\t" in line else line.split(",")
                    for line in (out / "evaluate" / "metrics.csv").read_text().splitlines())
-    assert set(summary) == {"dice", "hd95", "asd"}
-    assert 0.0 <= float(summary["dice"]) <= 1.0
+    assert set(summary) == {"test_mean_dice", "test_hd95_mm", "test_asd_mm"}
+    assert 0.0 <= float(summary["test_mean_dice"]) <= 1.0
 
 
 @pytest.mark.integration

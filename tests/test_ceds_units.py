@@ -364,27 +364,3 @@ def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
     assert (out["consistency_weight"] > 0) == (phase == "semi")
     if phase == "semi":  # first iteration after the warm-up: the teacher copies the student (decay 0)
         assert all(torch.equal(t, s) for t, s in zip(trainer.teacher.parameters(), net.parameters()))
-
-
-# ---------------------------------------------------------------------------------------------------- metrics
-
-
-def test_surface_metrics_in_mm():
-    """HD95/ASD handlers read each case's spacing from its affine: a 1-voxel shift along a 3 mm axis is 3 mm."""
-    from monai.data import MetaTensor
-    from monai.metrics import HausdorffDistanceMetric
-
-    metrics = bundle_module(BUNDLE, "metrics")
-    affine = torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0]))
-    label = torch.zeros(2, 10, 10, 10)
-    label[1, 2:6, 2:6, 2:6] = 1
-    label[0] = 1 - label[1]
-    pred = torch.roll(label, shifts=1, dims=3)
-    label, pred = MetaTensor(label, affine=affine), MetaTensor(pred, affine=affine)
-    assert metrics.voxel_spacing(label) == [1.0, 1.0, 3.0]
-    handler = metrics.SpacingAwareMetricHandler(HausdorffDistanceMetric(include_background=False, percentile=95))
-    handler.reset()
-    handler.update(([pred], [label]))
-    mm = handler.metric_fn.get_buffer()
-    voxels = HausdorffDistanceMetric(include_background=False, percentile=95)(pred[None], label[None])
-    assert mm.item() == pytest.approx(3.0) and voxels.item() == pytest.approx(1.0)

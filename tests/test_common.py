@@ -1,5 +1,6 @@
-"""The modules both bundles ship (``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``): identical copies,
-and what each piece does."""
+"""The modules both bundles ship (``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``, and
+``scripts/surface_metrics.py`` and ``scripts/datalist.py``, tested in ``test_undefined_distances.py`` and
+``test_liver_data.py``): identical copies, and what each piece does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("mean_teacher.py", "semi_supervised.py")
+COMMON = ("datalist.py", "mean_teacher.py", "semi_supervised.py", "surface_metrics.py")
 
 
 @pytest.mark.parametrize("name", COMMON)

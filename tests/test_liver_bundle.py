@@ -57,11 +57,11 @@ def test_inference_config_is_standalone():
 
 
 CONFIG_CASES = [
-    (["train_teacher.json"], "train"),
+    (["train.json", "train_teacher.json"], "train"),
     (["train.json"], "train"),
     (["train.json", "cpu_demo.json"], "train"),
     (["train.json", "evaluate.json"], "train"),
-    (["train_teacher.json", "evaluate.json"], "train"),
+    (["train.json", "train_teacher.json", "evaluate.json"], "train"),
     (["train.json", "multi_gpu_train.json"], "train"),
     (["inference.json"], "infer"),
 ]
@@ -103,7 +103,7 @@ def trained(tmp_path_factory, liver_data):
     work = tmp_path_factory.mktemp("liver_bundle")
     common = ["--dataset_dir", str(liver_data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval")]
     common += ["--epochs", "1", "--val_interval", "1", "--num_samples", "2"]
-    bundle_run([str(CONFIGS / "train_teacher.json"), DEMO], work, *common)
+    bundle_run([str(CONFIGS / "train.json"), str(CONFIGS / "train_teacher.json"), DEMO], work, *common)
     proc = bundle_run(
         [str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json")
     )

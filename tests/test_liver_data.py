@@ -45,7 +45,7 @@ def test_load_datalist_resolves_every_path(liver_data):
         assert len(records) == len(raw[split]) and records, split
         for record, original in zip(records, raw[split]):
             assert record["case"] == original["case"]
-            for key in ("image", "image_ce", "label", "organs"):
+            for key in ("image", "ce", "label", "organs"):
                 if key in original:
                     for path in _paths(record, key):
                         assert os.path.isabs(path) and os.path.isfile(path), (split, key, path)
@@ -56,10 +56,28 @@ def test_load_datalist_resolves_every_path(liver_data):
 
 def test_load_datalist_image_key_switch(liver_data):
     load_datalist = _datalist().load_datalist
-    records = load_datalist(liver_data / "datalist_100.json", "training", image_key="image_ce")
+    records = load_datalist(liver_data / "datalist_100.json", "training", image_key="ce")
     for record in records:
-        assert record["image"] == record["image_ce"] and len(record["image"]) == 3
+        assert "ce" not in record and len(record["image"]) == 3  # moved: the CE phases are loaded once
         assert all(p.endswith(("_art.nii.gz", "_pv.nii.gz", "_delay.nii.gz")) for p in record["image"])
+
+
+def test_load_datalist_reads_the_old_name_of_the_ce_phases(tmp_path, liver_data, caplog):
+    """Datalists of bundle versions before 0.5.0 named the CE phases ``image_ce``: read as ``ce``, warned once."""
+    load_datalist = _datalist().load_datalist
+    raw = json.loads((liver_data / "datalist_100.json").read_text())
+    old = {split: [{("image_ce" if k == "ce" else k): v for k, v in r.items()} for r in records]
+           for split, records in raw.items()}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    with caplog.at_level("WARNING"):
+        records = load_datalist(path, "training", base_dir=liver_data)
+    assert records == load_datalist(liver_data / "datalist_100.json", "training")
+    assert sum("'image_ce' is now named 'ce'" in r.message for r in caplog.records) == 1
+    old["training"][0]["ce"] = old["training"][0]["image_ce"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="both 'ce' and"):
+        load_datalist(path, "training", base_dir=liver_data)
 
 
 def test_load_datalist_missing_split_and_errors(tmp_path, liver_data):

@@ -169,23 +169,3 @@ def test_quantification_error_metric():
     area([quant], [label])
     assert area.aggregate().item() == pytest.approx(10.0)
 
-
-def test_surface_distances_in_mm():
-    metrics = bundle_module(BUNDLE, "metrics")
-    affine = torch.tensor(np.diag([2.0, 1.0, 5.0, 1.0]))
-
-    def onehot(rows):
-        fg = torch.zeros(1, 10, 10, 4)
-        fg[0, rows, 2:5, 1:3] = 1
-        return MetaTensor(torch.cat([1 - fg, fg]), affine=affine)
-
-    reference, shifted = onehot(slice(2, 5)), onehot(slice(3, 6))  # shifted by one voxel = 2 mm along axis 0
-    empty = onehot(slice(0, 0))
-    hd95 = metrics.PhysicalHausdorffDistanceMetric(include_background=False, percentile=95)
-    hd95([shifted, empty], [reference, reference])
-    assert hd95.get_buffer()[0].item() == pytest.approx(2.0)
-    assert torch.isnan(hd95.get_buffer()[1]).all()  # undefined for an empty prediction, left out of the mean
-    assert hd95.aggregate().item() == pytest.approx(2.0)
-    asd = metrics.PhysicalSurfaceDistanceMetric(include_background=False, symmetric=True)
-    asd([shifted], [reference])
-    assert 0 < asd.aggregate().item() < 2.0

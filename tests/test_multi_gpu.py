@@ -21,8 +21,9 @@ from conftest import BUNDLES, run_cmd
 
 DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 # configs trained first (one process, one epoch, same ckpt_dir): the liver student distils from the contrast-enhanced
-# teacher, models/teacher/model.pt, written by train_teacher.json (multi_gpu_train.json overlays train.json only)
-PREREQUISITES = {"cdugjl_liver": ["train_teacher.json"]}
+# teacher, models/teacher/model.pt, written by train.json + train_teacher.json (multi_gpu_train.json overlays
+# train.json only)
+PREREQUISITES = {"cdugjl_liver": [["train.json", "train_teacher.json"]]}
 
 
 def torchrun() -> list[str]:
@@ -46,7 +47,7 @@ def test_torchrun_two_processes_one_epoch(name, request, tmp_path):
                  str(data / "datalist_20.json"), "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir),
                  "--epochs", "1", "--val_interval", "1"]
     for config in PREREQUISITES.get(name, []):
-        files = repr([str(configs / c) for c in (config, "cpu_demo.json")])
+        files = repr([str(configs / c) for c in (*config, "cpu_demo.json")])
         run_cmd([sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *overrides], cwd=tmp_path,
                 timeout=300, env={"OMP_NUM_THREADS": "2"})
 

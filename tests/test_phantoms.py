@@ -65,9 +65,9 @@ def test_liver_contract(liver_data):
     for r in records:
         c = r["case"]
         assert r["image"] == [f"imagesTr/{c}_t2w.nii.gz", f"imagesTr/{c}_dwi.nii.gz"]
-        assert r["image_ce"] == [f"imagesTr/{c}_art.nii.gz", f"imagesTr/{c}_pv.nii.gz", f"imagesTr/{c}_delay.nii.gz"]
+        assert r["ce"] == [f"imagesTr/{c}_art.nii.gz", f"imagesTr/{c}_pv.nii.gz", f"imagesTr/{c}_delay.nii.gz"]
         assert r["label"] == f"labelsTr/{c}.nii.gz" and r["organs"] == f"organsTr/{c}.nii.gz"
-        for rel in r["image"] + r["image_ce"]:
+        for rel in r["image"] + r["ce"]:
             img = _load(liver_data, rel)
             assert img.dtype == np.float32 and img.shape == (64, 64, 8) and img.min() >= 0
         label, organs = _load(liver_data, r["label"]), _load(liver_data, r["organs"])
@@ -308,7 +308,7 @@ def test_datalist_splits(tmp_path, liver_data, n_cases):
         assert previous <= set(groups["training"])  # nested labelled subsets
         previous = set(groups["training"])
         for r in split["unlabeled"]:
-            assert "label" not in r and "organs" not in r and r["image"] and r["image_ce"]
+            assert "label" not in r and "organs" not in r and r["image"] and r["ce"]
         for r in split["training"] + split["validation"] + split["test"]:
             assert "label" in r and "organs" in r
     assert splits[1.0]["unlabeled"] == []

@@ -166,7 +166,7 @@ def test_labels_and_mask_fallback(prepared):
     assert cases["MR1003"]["mask_source"] is None and cases["MR1006"]["mask_source"] == "T2WI"
     assert cases["MR1001"]["spacing"] == pytest.approx([0.75, 0.75, 7.0])
     assert cases["MR1001"]["lesion_categories"] == [6]
-    # missing phases: C+Delay replaced by C+V; no CE at all -> no image_ce; no DWI -> skipped
+    # missing phases: C+Delay replaced by C+V; no CE at all -> no ce; no DWI -> skipped
     assert cases["MR_1002"]["ce_substitutes"] == {"C+Delay": "C+V"} and cases["MR_1002"]["missing_ce"] == ["C+Delay"]
     assert cases["MR1003"]["missing_ce"] == ["C+A", "C+V", "C+Delay"]
     assert set(info["skipped"]) == {"MR1004", "MR1005"}
@@ -198,10 +198,10 @@ def test_datalists(prepared):
     assert len(half["training"]) == 1 and set(half["training"]) <= set(full["training"])
     assert len(full["training"]) == 2 and full["unlabeled"] == ["MR1003"]
 
-    records = load_datalist(paths[1], "training", image_key="image_ce")
+    records = load_datalist(paths[1], "training", image_key="ce")
     assert all(len(r["image"]) == 3 and r["image"][0].endswith("_art.nii.gz") for r in records)
     no_ce = json.loads((out / "dataset.json").read_text())["training"]
-    assert "image_ce" not in next(r for r in no_ce if r["case"] == "MR1003")
+    assert "ce" not in next(r for r in no_ce if r["case"] == "MR1003")
 
 
 def test_find_masks_naming(tmp_path):

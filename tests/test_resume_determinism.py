@@ -28,7 +28,7 @@ from conftest import BUNDLES, run_cmd
 CEDS = BUNDLES / "ceds_mediastinum"
 LIVER = BUNDLES / "cdugjl_liver"
 # tiny network and patches on top of cpu_demo.json
-CEDS_TINY = ["--channels", "[2,4,8,16,32]", "--patch_size", "[16,16,16]", "--sw_batch_size", "2"]
+CEDS_TINY = ["--channels", "[2,4,8,16,32]", "--roi_size", "[16,16,16]", "--sw_batch_size", "2"]
 # schedules are fractions of the run: with 3 epochs of 8 iterations (24), no warm-up, confidence re-training in the
 # first 2 of every 8 iterations (a twelfth of the run every third), semi-supervised (EMA teacher) in the other 6
 RESUME_INTERVAL, RESUME_LENGTH = 1 / 3, 1 / 12

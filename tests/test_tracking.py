@@ -28,8 +28,8 @@ from conftest import BUNDLES, run_cmd
 DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 EXPERIMENT = "tracking_test"
-# configs trained first, untracked (one epoch): the liver student distils from models/teacher/model.pt (train_teacher.json)
-PREREQUISITES = {"cdugjl_liver": ["train_teacher.json"]}
+# configs trained first, untracked (one epoch): the liver student distils from models/teacher/model.pt (train.json + train_teacher.json)
+PREREQUISITES = {"cdugjl_liver": [["train.json", "train_teacher.json"]]}
 
 
 @pytest.fixture(scope="module", params=sorted(DATA))
@@ -43,7 +43,7 @@ def tracked_training(request, tmp_path_factory) -> dict:
     overrides = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--datalist",
                  str(data / "datalist_20.json"), "--epochs", "1", "--val_interval", "1"]
     for config in PREREQUISITES.get(name, []):
-        configs = repr([str(bundle / "configs" / c) for c in (config, "cpu_demo.json")])
+        configs = repr([str(bundle / "configs" / c) for c in (*config, "cpu_demo.json")])
         run_cmd([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *overrides,
                  "--output_dir", str(work / "prerequisites")], cwd=work, timeout=300, env={"OMP_NUM_THREADS": "2"})
 

@@ -1,29 +1,38 @@
-"""Reading the bundle's MSD-style datalists.
+"""Reading the MSD-style datalists of the bundles of this collection.
 
 A datalist is a JSON file with the splits ``training`` (labelled records), ``unlabeled`` (records without
-``label``/``organs``), ``validation`` and ``test``; every record looks like::
+``label``/``organs``), ``validation`` and ``test``; a record of the liver bundle looks like::
 
     {"case": "liver_000",
      "image": ["imagesTr/liver_000_t2w.nii.gz", "imagesTr/liver_000_dwi.nii.gz"],
-     "image_ce": ["imagesTr/liver_000_art.nii.gz", "imagesTr/liver_000_pv.nii.gz", "imagesTr/liver_000_delay.nii.gz"],
+     "ce": ["imagesTr/liver_000_art.nii.gz", "imagesTr/liver_000_pv.nii.gz", "imagesTr/liver_000_delay.nii.gz"],
      "label": "labelsTr/liver_000.nii.gz", "organs": "organsTr/liver_000.nii.gz"}
 
-with paths relative to the datalist's folder (absolute paths are kept). ``monai.data.load_decathlon_datalist``
-joins only ``image``/``label`` unconditionally and joins other keys only when the joined path happens to exist
-(so a ``case`` name equal to a file name would be rewritten); :func:`load_datalist` instead resolves exactly the
-path-valued keys in :data:`PATH_KEYS` (the same ``normpath(join(base_dir, path))`` rule) and leaves every other key
-untouched.
+and one of the CT bundle ``{"case", "image", "label", "organs"}``, with paths relative to the datalist's folder
+(absolute paths are kept). ``monai.data.load_decathlon_datalist`` joins only ``image``/``label`` unconditionally and
+joins other keys only when the joined path happens to exist (so a ``case`` name equal to a file name would be
+rewritten); :func:`load_datalist` instead resolves exactly the path-valued keys in :data:`PATH_KEYS` (the same
+``normpath(join(base_dir, path))`` rule) and leaves every other key untouched.
+
+The contrast-enhanced phases are ``ce``, a name that MONAI 1.6's ``Spacingd`` leaves alone (it treats every entry
+named ``image_*`` as a meta dict of ``image``); liver datalists of bundle versions before 0.5.0 named them
+``image_ce``, which :func:`load_datalist` still reads (with a warning).
+
+Each bundle is downloaded alone, so each ships this module; the copies are identical (``tests/test_common.py``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 __all__ = ["PATH_KEYS", "SPLITS", "load_datalist"]
 
-PATH_KEYS: tuple[str, ...] = ("image", "image_ce", "label", "organs")
+logger = logging.getLogger(__name__)
+
+PATH_KEYS: tuple[str, ...] = ("image", "ce", "label", "organs")
 """Record keys holding a file path (``str``) or a list of file paths, resolved against the datalist's folder."""
 
 SPLITS: tuple[str, ...] = ("training", "unlabeled", "validation", "test")
@@ -53,9 +62,9 @@ def load_datalist(
         datalist: path to the datalist JSON file.
         split: the split key to read, e.g. ``"training"``, ``"unlabeled"``, ``"validation"`` or ``"test"``.
             A split absent from the file gives ``[]`` (e.g. ``unlabeled`` in a fully labelled datalist).
-        image_key: the record key copied into ``"image"``: ``"image"`` (non-contrast T2WI + DWI, the student's
-            input) or ``"image_ce"`` (contrast-enhanced phases, the teacher's input). The original entry stays
-            under its own key as well.
+        image_key: the record key that becomes ``"image"``: ``"image"`` (non-contrast T2WI + DWI, the student's
+            input) or ``"ce"`` (contrast-enhanced phases, the teacher's input, moved to ``"image"``: the record's
+            T2WI + DWI are then dropped).
         base_dir: folder the relative paths are relative to; defaults to the datalist's folder.
         check_files: raise :class:`FileNotFoundError` listing the first missing files if any resolved path does
             not exist (fail at start-up rather than in the middle of an epoch).
@@ -71,7 +80,7 @@ def load_datalist(
     Raises:
         FileNotFoundError: the datalist (unless ``missing_ok``), or (with ``check_files``) a file it names, does not
             exist.
-        ValueError: the split is not a list, or a record lacks ``image_key``.
+        ValueError: the split is not a list, or a record lacks ``image_key`` or has both ``ce`` and ``image_ce``.
         TypeError: a record is not a dict or a path string, or a path-valued entry is not ``str``/list of ``str``.
     """
     datalist = os.fspath(datalist)
@@ -91,6 +100,7 @@ def load_datalist(
     base = os.fspath(base_dir) if base_dir is not None else os.path.dirname(os.path.abspath(datalist))
 
     items: list[dict] = []
+    warned = False
     for i, record in enumerate(records):
         where = f"{datalist} [{split}][{i}]"
         if isinstance(record, str):
@@ -98,12 +108,19 @@ def load_datalist(
         if not isinstance(record, dict):
             raise TypeError(f"{where}: a record must be a dict or a path string, got {type(record).__name__}.")
         item = dict(record)
+        if "image_ce" in item:
+            if "ce" in item:
+                raise ValueError(f"{where}: record has both 'ce' and its old name 'image_ce'.")
+            if not warned:
+                logger.warning(f"{datalist}: 'image_ce' is now named 'ce' (bundle 0.5.0); read as 'ce'.")
+                warned = True
+            item["ce"] = item.pop("image_ce")
         for key in PATH_KEYS:
             if key in item:
                 item[key] = _resolve(base, key, item[key], where)
         if image_key not in item:
             raise ValueError(f"{where}: record has no '{image_key}' entry (keys: {sorted(item)}).")
-        item["image"] = item[image_key]
+        item["image"] = item.pop(image_key)
         items.append(item)
 
     if check_files:

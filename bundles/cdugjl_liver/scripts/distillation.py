@@ -1,6 +1,6 @@
 """Teacher-to-student distillation losses: contrast-enhanced (CE) teacher -> non-contrast student.
 
-The teacher is a MEAMT-Net trained on the CE phases (``configs/train_teacher.json``), frozen; the student sees T2WI +
+The teacher is a MEAMT-Net trained on the CE phases (``configs/train.json`` + ``configs/train_teacher.json``), frozen; the student sees T2WI +
 DWI of the same slice (same spatial transforms), so teacher and student maps correspond voxel by voxel. Three kinds of
 terms, each with its own weight in ``configs/train.json``:
 
@@ -55,7 +55,7 @@ def load_teacher(
 
     Args:
         network: the teacher architecture (a MEAMT-Net with 3 input channels).
-        ckpt_path: its weights: a plain state dict (``models/teacher/model.pt`` written by ``train_teacher.json``)
+        ckpt_path: its weights: a plain state dict (``models/teacher/model.pt`` written by the teacher run)
             or a training checkpoint holding one under ``"model"`` (``models/teacher/checkpoint.pt``).
         device: where to put it (a string such as ``"cpu"`` works).
 
@@ -70,7 +70,8 @@ def load_teacher(
         raise FileNotFoundError(
             f"teacher checkpoint not found: {ckpt_path}. The distillation terms (attention_weight, feature_weight, "
             "contrast_weight, distill_kl_weight) need the contrast-enhanced teacher: train it first with "
-            "configs/train_teacher.json (same --ckpt_dir), point --teacher_ckpt to it, or set those weights to 0."
+            "configs/train.json + configs/train_teacher.json (same --ckpt_dir), point --teacher_ckpt to it, or set "
+            "those weights to 0."
         )
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -110,7 +111,7 @@ class FrozenTeacher(nn.Module):
         self.enabled = enabled
         self.loaded = False
         if not enabled:
-            logger.info("no teacher: every distillation weight is 0 or no training record has 'image_ce'.")
+            logger.info("no teacher: every distillation weight is 0 or no training record has 'ce'.")
 
     def load(self) -> FrozenTeacher:
         """Load the weights (once)."""

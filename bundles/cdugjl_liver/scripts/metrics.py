@@ -1,6 +1,6 @@
-"""Evaluation metrics: surface distances in mm, quantification errors, and the quality of the voxel uncertainty.
+"""Evaluation metrics: quantification errors and the quality of the voxel uncertainty.
 
-* :class:`PhysicalHausdorffDistanceMetric`, :class:`PhysicalSurfaceDistanceMetric`: HD95 / ASD in mm;
+* HD95 / ASD in mm: :mod:`scripts.surface_metrics` (the same file in both bundles of the collection);
 * :class:`QuantificationErrorMetric`: per-case errors of the per-slice tumour centre (x, y) and area;
 * :class:`CalibrationErrorMetric`: binned expected calibration error of the predicted probabilities;
 * :class:`UncertaintyAUROCMetric`: how well the voxel uncertainty finds the wrongly segmented voxels
@@ -17,67 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
-from monai.metrics import CumulativeIterationMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
+from monai.metrics import CumulativeIterationMetric
 
 from .quantification import slice_targets
+from .surface_metrics import case_spacing
 
 __all__ = [
     "CalibrationErrorMetric",
     "CaseTableSaver",
-    "PhysicalHausdorffDistanceMetric",
-    "PhysicalSurfaceDistanceMetric",
     "QuantificationErrorMetric",
     "UncertaintyAUROCMetric",
     "expected_calibration_error",
     "rank_auroc",
 ]
-
-
-def _spacing(y: torch.Tensor) -> list[float] | None:
-    """Voxel spacing (mm) of an unbatched-meta MetaTensor ``[1, C, *spatial]``, ``None`` for a plain tensor."""
-    if not isinstance(y, MetaTensor):
-        return None
-    return [float(s) for s in y.pixdim[: y.ndim - 2]]
-
-
-class _UndefinedMeanIsNaN:
-    """Mixin for a cumulative metric: the reduced value is NaN when every case is NaN (no defined distance, e.g.
-    every prediction empty), instead of MONAI's 0, which would read as a perfect distance."""
-
-    def aggregate(self, *args: Any, **kwargs: Any) -> Any:
-        result = super().aggregate(*args, **kwargs)  # type: ignore[misc]
-        buffer = self.get_buffer()  # type: ignore[attr-defined]
-        if not (isinstance(buffer, torch.Tensor) and buffer.numel() and torch.isnan(buffer).all()):
-            return result
-        if isinstance(result, (tuple, list)):
-            return (torch.full_like(result[0], float("nan")), *result[1:])
-        return torch.full_like(result, float("nan"))
-
-
-class PhysicalHausdorffDistanceMetric(_UndefinedMeanIsNaN, HausdorffDistanceMetric):
-    """:class:`monai.metrics.HausdorffDistanceMetric` in mm: the spacing is read from the label's affine.
-
-    MONAI's ignite handlers pass no ``spacing``; give one-hot ``[C, *spatial]`` MetaTensors per case (decollated).
-    A case whose prediction or reference is empty gives NaN (undefined distance; left out of the mean).
-    """
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        kwargs.setdefault("spacing", _spacing(y))
-        value = super()._compute_tensor(y_pred, y, **kwargs)
-        return torch.where(torch.isinf(value), torch.full_like(value, float("nan")), value)
-
-
-class PhysicalSurfaceDistanceMetric(_UndefinedMeanIsNaN, SurfaceDistanceMetric):
-    """:class:`monai.metrics.SurfaceDistanceMetric` (average surface distance) in mm, spacing from the label.
-
-    A case whose prediction or reference is empty gives NaN (undefined distance; left out of the mean).
-    """
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        kwargs.setdefault("spacing", _spacing(y))
-        value = super()._compute_tensor(y_pred, y, **kwargs)
-        return torch.where(torch.isinf(value), torch.full_like(value, float("nan")), value)
 
 
 class QuantificationErrorMetric(CumulativeIterationMetric):
@@ -109,7 +61,7 @@ class QuantificationErrorMetric(CumulativeIterationMetric):
         """``y_pred`` ``[1, D, 3(, 4)]``, ``y`` ``[1, 1, H, W, D]`` -> ``[1, 1]`` error."""
         pred = y_pred[0].detach().float().cpu()
         pred = pred[..., 0] if pred.ndim == 3 else pred  # NIG gamma
-        spacing = _spacing(y) or [1.0, 1.0]
+        spacing = case_spacing(y) or [1.0, 1.0]
         label = y[0, 0].detach().cpu().numpy() > 0
         errors = []
         for k in range(label.shape[-1]):

@@ -42,7 +42,7 @@ Labels: the T2WI mask; if it is missing (or its shape does not match), the ``C+V
 resampled (nearest) onto the T2WI grid and the source is recorded in ``preparation.json`` (``mask_source``).
 Patients without any usable mask become unlabelled records. A missing CE phase is replaced by the nearest
 available one (:data:`CE_SUBSTITUTES`, recorded as ``ce_substitutes``); with no CE phase the record has no
-``image_ce``. Patients without a T2WI or DWI series (entry or file) are skipped with a logged reason.
+``ce``. Patients without a T2WI or DWI series (entry or file) are skipped with a logged reason.
 
 Splits (as ``scripts/phantoms.py datalist``): one permutation of the masked patients fixed by ``seed`` gives the
 test then the validation patients (``round(fraction * n)``, at least one each, identical for every ratio); of the
@@ -243,7 +243,7 @@ def _convert_patient(root: Path, out: Path, patient: str, entries: list[dict], m
 
     record: dict = {"case": patient, "image": [f"imagesTr/{patient}_{PHASE_SUFFIX[p]}{_NII}" for p in STUDENT_PHASES]}
     if ce_loaded:
-        record["image_ce"] = [f"imagesTr/{patient}_{PHASE_SUFFIX[p]}{_NII}" for p in TEACHER_PHASES]
+        record["ce"] = [f"imagesTr/{patient}_{PHASE_SUFFIX[p]}{_NII}" for p in TEACHER_PHASES]
     for phase, array in images.items():
         _save(array.astype(np.float32), t2w_affine, out / "imagesTr" / f"{patient}_{PHASE_SUFFIX[phase]}{_NII}")
     if label is not None:

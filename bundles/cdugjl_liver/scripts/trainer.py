@@ -7,7 +7,8 @@ One iteration (:class:`scripts.semi_supervised.SemiSupervisedTrainer`): the labe
 student on the weak views (:meth:`CdUgJLTrainer.run_teacher`); the student on the labelled slices and on the strong
 views, in two passes (:meth:`CdUgJLTrainer.run_student`); the loss (:class:`scripts.losses.CdUgJLLoss`) with all
 of them as arguments; the step. The EMA follows the student through :class:`scripts.mean_teacher.EMAUpdateHandler`.
-Without unlabelled data and teacher (``configs/train_teacher.json``, supervised runs) it is supervised training.
+Without unlabelled data and teacher (the teacher run, ``configs/train_teacher.json``; supervised runs) it is
+supervised training.
 """
 
 from __future__ import annotations

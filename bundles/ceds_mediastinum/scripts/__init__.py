@@ -1,5 +1,5 @@
 """Code of the ``ceds_mediastinum`` bundle: network, losses, training engine, inference and metric helpers."""
 
-from . import data, inference, losses, metrics, networks, trainer
+from . import datalist, inference, losses, networks, surface_metrics, trainer
 
-__all__ = ["data", "inference", "losses", "metrics", "networks", "trainer"]
+__all__ = ["datalist", "inference", "losses", "networks", "surface_metrics", "trainer"]

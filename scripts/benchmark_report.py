@@ -45,15 +45,20 @@ METRICS = {
     "cdugjl_liver": {**_SEGMENTATION, "X MAE (mm)": "test_x_mae_mm", "Y MAE (mm)": "test_y_mae_mm",
                      "area MAE (mm²)": "test_area_mae_mm2", "ECE": "test_ece", "unc. AUROC": "test_uncertainty_auroc"},
 }
+# metric names of ceds_mediastinum before 0.3.0 (its supervised arithmetic is unchanged, so its results still count)
+LEGACY_METRIC_NAMES = {"dice": "test_mean_dice", "hd95": "test_hd95_mm", "asd": "test_asd_mm"}
 ACCURACY_COMMAND = "python scripts/benchmark_accuracy.py run --profile {profile}"
 REPORT_COMMAND = "python scripts/benchmark_report.py report --profile {profile}"
 
 
 def load_runs(profile: str, results: Path = RESULTS) -> list[dict]:
     """Every finished accuracy/ablation run of ``profile`` made with the profile's current settings (a run made
-    with other settings is stale: ``benchmark_accuracy.py run`` redoes it, and it is never mixed into a table)."""
+    with other settings is stale: ``benchmark_accuracy.py run`` redoes it, and it is never mixed into a table);
+    metric names of older bundle versions are read under their current names (:data:`LEGACY_METRIC_NAMES`)."""
     bench = ba.Benchmark(profile, results / "accuracy", ba.WORK_DIR, 1)
     runs = [json.loads(p.read_text()) for p in sorted((results / "accuracy" / profile).glob("*/*/*.json"))]
+    for r in runs:
+        r["metrics"] = {LEGACY_METRIC_NAMES.get(k, k): v for k, v in r["metrics"].items()}
     return [r for r in runs if r.get("profile_settings") == bench.settings(r["bundle"])]
 
 

@@ -60,7 +60,7 @@ __all__ = ["DEFAULT_QC_THRESHOLDS", "BundleRunner", "WorkflowError", "provenance
 DEFAULT_MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {"cdugjl_liver": ("_t2w", "_dwi")}
 """File name suffixes of the modalities, in channel order, for folder inputs of multi-modal bundles."""
 
-DEFAULT_QC_THRESHOLDS: dict[str, float | None] = {"cdugjl_liver": 0.094, "ceds_mediastinum": None}
+DEFAULT_QC_THRESHOLDS: dict[str, float | None] = {"cdugjl_liver": 0.119, "ceds_mediastinum": None}
 """Mean doubt inside the mask above which a case needs review, per bundle, chosen with ``scripts/qc_threshold.py``
 on the validation split of the ``cpu`` benchmark (``docs/benchmarks.md``, *Targets*). Liver: the mean evidential
 uncertainty flags 90 % of the cases with Dice < 0.5 and 30 % of the others (6 models, 96 cases). CEDS: ``None``,

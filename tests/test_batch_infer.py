@@ -78,7 +78,7 @@ def test_quality_check():
     # no threshold (CEDS's default): only an empty mask needs review, the mean doubt is still recorded
     unflagged = batch_infer.quality_check(mask, doubt, None)
     assert not unflagged["needs_review"] and unflagged["mean_doubt_in_mask"] == pytest.approx(0.4)
-    assert batch_infer.DEFAULT_QC_THRESHOLDS == {"cdugjl_liver": 0.094, "ceds_mediastinum": None}
+    assert batch_infer.DEFAULT_QC_THRESHOLDS == {"cdugjl_liver": 0.119, "ceds_mediastinum": None}
 
 
 def test_overview_png_through_largest_lesion(tmp_path):

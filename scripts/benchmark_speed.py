@@ -741,9 +741,9 @@ class IterationProfiler:
     Phases (seconds per iteration): ``data`` (``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``: the labelled batch
     from the data loader), ``prepare`` (``ITERATION_STARTED`` -> the student's first forward: moving the batch,
     the unlabelled batch, the teacher and EMA passes), ``forward`` (the student's forward passes), ``between``
-    (after the last student forward until ``FORWARD_COMPLETED``), ``loss`` (-> ``LOSS_COMPLETED``), ``backward`` (-> ``BACKWARD_COMPLETED``),
-    ``optimiser`` (-> ``MODEL_COMPLETED``: optimiser and scheduler steps) and ``handlers`` (-> ``ITERATION_COMPLETED``:
-    EMA updates and the other handlers attached before the profiler).
+    (after the last student forward until ``FORWARD_COMPLETED``), ``loss`` (-> ``LOSS_COMPLETED``), ``backward``
+    (-> ``BACKWARD_COMPLETED``), ``optimiser`` (-> ``MODEL_COMPLETED``: optimiser and scheduler steps) and
+    ``handlers`` (-> ``ITERATION_COMPLETED``: EMA updates and the other handlers attached before the profiler).
     """
 
     PHASES = ("data", "prepare", "forward", "between", "loss", "backward", "optimiser", "handlers")

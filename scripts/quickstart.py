@@ -107,8 +107,8 @@ def liver(out_dir: Path, data_dir: Path, datalist: Path, threads: int | None = N
     """
     r = _Runner("cdugjl_liver", out_dir, threads)
     common = {"dataset_dir": data_dir, "ckpt_dir": out_dir / "models"}
-    r.run("train_teacher", ["train.json", "train_teacher.json"], datalist=datalist, output_dir=out_dir / "train_teacher", **train,
-          **common)
+    r.run("train_teacher", ["train.json", "train_teacher.json"], datalist=datalist,
+          output_dir=out_dir / "train_teacher", **train, **common)
     r.run("train", ["train.json"], datalist=datalist, output_dir=out_dir / "train", **train, **common)
     r.run("evaluate", ["train.json", "evaluate.json"], datalist=datalist, output_dir=out_dir / "evaluate", **common)
     case = _held_out_case(datalist)

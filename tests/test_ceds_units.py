@@ -230,7 +230,7 @@ def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, ma
         optim_set_to_none=True,
         loss_function=loss,
         schedule=schedule,
-        teacher=teacher,
+        ema=teacher,
         unlabeled=stream,
         train_handlers=handlers,
         **kwargs,
@@ -270,7 +270,7 @@ def test_phase_schedule(trainer_mod):
 
 def test_semi_supervised_modes_need_unlabelled_data(trainer_mod, losses, networks):
     """A semi-supervised schedule without unlabelled data is refused (the config falls back to 'supervised')."""
-    with pytest.raises(ValueError, match="unlabelled"):
+    with pytest.raises(ValueError, match="unlabelled data and an EMA teacher"):
         _make_trainer(trainer_mod, losses, networks, unlabeled=False)
     trainer, _ = _make_trainer(trainer_mod, losses, networks, mode="supervised", unlabeled=False)
     assert trainer.unlabeled is None
@@ -347,7 +347,7 @@ def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
     def _snapshot(engine):
         before["seg"] = [p.clone() for p in net.segmentation_parameters()]
         before["conf"] = [p.clone() for p in net.confidence_parameters()]
-        before["teacher"] = [p.clone() for p in trainer.teacher.parameters()]
+        before["teacher"] = [p.clone() for p in trainer.ema.parameters()]
 
     trainer.run()
     out = trainer.state.output
@@ -358,9 +358,9 @@ def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
     assert trainer.state.iteration == iteration
     assert moved(before["seg"], net.segmentation_parameters()) == (phase != "confidence")
     assert moved(before["conf"], net.confidence_parameters()) == (phase != "semi")
-    assert moved(before["teacher"], trainer.teacher.parameters()) == (phase == "semi")
+    assert moved(before["teacher"], trainer.ema.parameters()) == (phase == "semi")
     assert math.isfinite(float(out["loss"].detach()))
     assert (out["loss_consistency"] > 0) == (phase == "semi")
     assert (out["consistency_weight"] > 0) == (phase == "semi")
     if phase == "semi":  # first iteration after the warm-up: the teacher copies the student (decay 0)
-        assert all(torch.equal(t, s) for t, s in zip(trainer.teacher.parameters(), net.parameters()))
+        assert all(torch.equal(t, s) for t, s in zip(trainer.ema.parameters(), net.parameters()))

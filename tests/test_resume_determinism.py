@@ -149,7 +149,7 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
     resume_from.write_bytes((ckpt_dir / f"checkpoint_epoch={saved}.pt").read_bytes())
 
     probe = tmp_path / "restored.pt"
-    states = ("{'model': e.network.state_dict(), 'ema': e.teacher.state_dict(), "
+    states = ("{'model': e.network.state_dict(), 'ema': e.ema.state_dict(), "
               "'optimizer': e.optimizer.state_dict(), 'lr_scheduler': @lr_scheduler.state_dict(), "
               "'trainer': e.state_dict()}")
     overlay = restored_state_probe(tmp_path, probe, states)

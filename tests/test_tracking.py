@@ -28,7 +28,8 @@ from conftest import BUNDLES, run_cmd
 DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 EXPERIMENT = "tracking_test"
-# configs trained first, untracked (one epoch): the liver student distils from models/teacher/model.pt (train.json + train_teacher.json)
+# configs trained first, untracked (one epoch): the liver student distils from models/teacher/model.pt
+# (train.json + train_teacher.json)
 PREREQUISITES = {"cdugjl_liver": [["train.json", "train_teacher.json"]]}
 
 

@@ -1,8 +1,8 @@
 """Teacher-to-student distillation losses: contrast-enhanced (CE) teacher -> non-contrast student.
 
-The teacher is a MEAMT-Net trained on the CE phases (``configs/train.json`` + ``configs/train_teacher.json``), frozen; the student sees T2WI +
-DWI of the same slice (same spatial transforms), so teacher and student maps correspond voxel by voxel. Three kinds of
-terms, each with its own weight in ``configs/train.json``:
+The teacher is a MEAMT-Net trained on the CE phases (``configs/train.json`` + ``configs/train_teacher.json``),
+frozen; the student sees T2WI + DWI of the same slice (same spatial transforms), so teacher and student maps
+correspond voxel by voxel. Three kinds of terms, each with its own weight in ``configs/train.json``:
 
 * :class:`FeatureDistillationLoss`: at several encoder stages, (a) attention alignment: the normalised spatial
   attention maps ``A(F) = mean_c F_c^2`` (Zagoruyko & Komodakis, ICLR 2017) of teacher and student are matched, and

@@ -53,7 +53,9 @@ class MultiTaskPrepareBatch(PrepareBatch):
         target_keys: the keys copied into ``targets``.
     """
 
-    def __init__(self, image_key: str = "image", target_keys: Sequence[str] = ("label", "quant", "quant_mask", "organs", "ce")):
+    def __init__(
+        self, image_key: str = "image", target_keys: Sequence[str] = ("label", "quant", "quant_mask", "organs", "ce")
+    ) -> None:
         self.image_key = image_key
         self.target_keys = tuple(target_keys)
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -193,7 +192,9 @@ class CEDSLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= consistency_rampup <= 1.0:
-            raise ValueError(f"consistency_rampup is a fraction of the run's iterations in [0, 1], got {consistency_rampup}.")
+            raise ValueError(
+                f"consistency_rampup is a fraction of the run's iterations in [0, 1], got {consistency_rampup}."
+            )
         self.schedule = schedule
         self.seg_loss = seg_loss
         self.confidence_loss = confidence_loss

@@ -140,8 +140,8 @@ class CEDSTrainer(SemiSupervisedTrainer):
         schedule: the :class:`CEDSSchedule`.
         unlabeled: unlabelled data (``image`` only, :class:`scripts.mean_teacher.UnlabeledStream`), drawn in the
             ``semi`` phase; a semi-supervised ``schedule`` needs it.
-        teacher: the EMA teacher (:func:`scripts.mean_teacher.ema_network`); a semi-supervised ``schedule`` needs
-            it.
+        ema: the EMA teacher (:func:`scripts.mean_teacher.ema_network`; the liver bundle's ``ema`` too); a
+            semi-supervised ``schedule`` needs it.
         teacher_train_mode: run the teacher in training mode (dropout and batch statistics on, as the authors) or
             in eval mode.
         student_noise: ``(std, clip)`` of the student's input noise in the ``confidence`` and ``semi`` phases.
@@ -162,17 +162,17 @@ class CEDSTrainer(SemiSupervisedTrainer):
         loss_function: Callable,
         schedule: CEDSSchedule,
         unlabeled: UnlabeledStream | None = None,
-        teacher: AveragedModel | None = None,
+        ema: AveragedModel | None = None,
         teacher_train_mode: bool = True,
         student_noise: Sequence[float] = (0.2, 0.4),
         teacher_noise: Sequence[float] = (0.05, 0.1),
         **kwargs: Any,
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function, unlabeled, **kwargs)
-        if schedule.mode != "supervised" and (self.unlabeled is None or teacher is None):
-            raise ValueError(f"mode {schedule.mode!r} needs unlabelled data and a teacher network.")
+        if schedule.mode != "supervised" and (self.unlabeled is None or ema is None):
+            raise ValueError(f"mode {schedule.mode!r} needs unlabelled data and an EMA teacher.")
         self.schedule = schedule
-        self.teacher = teacher
+        self.ema = ema
         self.teacher_train_mode = teacher_train_mode
         self.student_noise = tuple(student_noise)
         self.teacher_noise = tuple(teacher_noise)
@@ -201,9 +201,9 @@ class CEDSTrainer(SemiSupervisedTrainer):
         """
         if unlabelled is None:
             return None
-        self.teacher.train(self.teacher_train_mode)  # type: ignore[union-attr]
-        both = torch.cat([inputs, unlabelled["image"]])
-        seg, confidence = self.teacher.module.forward_with_confidence(add_clipped_noise(both, *self.teacher_noise))  # type: ignore[union-attr]
+        self.ema.train(self.teacher_train_mode)  # type: ignore[union-attr]
+        teacher_input = add_clipped_noise(torch.cat([inputs, unlabelled["image"]]), *self.teacher_noise)
+        seg, confidence = self.ema.module.forward_with_confidence(teacher_input)  # type: ignore[union-attr]
         return {"seg": seg, "confidence": confidence}
 
     def run_student(

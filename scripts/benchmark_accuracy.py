@@ -444,6 +444,7 @@ def trial(
     method: str = "supervised",
     phantom: dict | None = None,
     train: dict | None = None,
+    split: dict | None = None,
     profile: str = "cpu",
     threads: int = 1,
     work_dir: str = str(WORK_DIR),
@@ -463,6 +464,7 @@ def trial(
         method: a key of ``METHODS[bundle]``.
         phantom: phantom arguments to change, e.g. ``{"conspicuity": [1, 1]}``.
         train: training overrides to change, e.g. ``{"epochs": 80}``.
+        split: split arguments to change, e.g. ``{"test_fraction": 0.2}``.
         profile: the profile the trial starts from.
         threads: ``OMP_NUM_THREADS`` of the run.
         work_dir: the benchmark's work folder.
@@ -471,7 +473,8 @@ def trial(
         the validation curve, ``[[iteration, validation Dice], ...]``.
     """
     base = PROFILES[profile][bundle]
-    settings = replace(base, data={**base.data, **(phantom or {})}, train={**base.train, **(train or {})})
+    settings = replace(base, data={**base.data, **(phantom or {})}, train={**base.train, **(train or {})},
+                       split={**base.split, **(split or {})})
     folder = Path(work_dir) / "trials" / name
     bench = Benchmark(profile, folder, folder, threads, {bundle: settings})
     run = Run(bundle, "trial", int(ratio), method, int(seed), METHODS[bundle][method])

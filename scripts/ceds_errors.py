@@ -1,9 +1,9 @@
 """Where a ceds_mediastinum model's errors are, case by case: missed tumour, and false positives by organ.
 
 The network, its input window, spacing and sliding-window settings come from the bundle's ``inference.json`` (plus
-an overlay such as ``configs/cpu_demo.json``); each case of a datalist split is resampled as in training (image
-bilinear, label and organ map nearest), segmented, and compared voxel by voxel with its label. False positives are
-counted by the organ they fall in (the phantoms' ``organs`` map: lung, heart, great vessels, bone, airway,
+an overlay such as ``configs/cpu_demo.json``); each case of a datalist split is resampled and cropped to the body as
+in training and inference (image bilinear, label and organ map nearest), segmented, and compared voxel by voxel
+with its label. False positives are counted by the organ they fall in (the phantoms' ``organs`` map: lung, heart, great vessels, bone, airway,
 mediastinum, or background = body wall and muscle), and the CT value of missed and found tumour voxels is reported.
 
 Usage:
@@ -31,7 +31,8 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     """Per-case and pooled voxel errors of ``checkpoint`` on ``split`` of ``datalist``.
 
     Args:
-        checkpoint: a ``model.pt`` state dict of the bundle's network.
+        checkpoint: a ``model.pt`` state dict of the bundle's network, or a training checkpoint holding it under
+            ``"model"`` (``checkpoint_epoch=N.pt``).
         datalist: a datalist JSON whose records have ``image``, ``label`` and ``organs``.
         split: the split to read (``validation``: choices are made there, never on ``test``).
         overlay: a config overlay relative to the bundle (``None``: the bundle's defaults).
@@ -43,22 +44,24 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     """
     sys.path.insert(0, str(BUNDLE))
     from monai.bundle import ConfigParser
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged,
-                                  Spacingd)
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
+                                  ScaleIntensityRanged, Spacingd)
     from scripts.datalist import load_datalist
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / "inference.json"), *([str(BUNDLE / overlay)] if overlay else [])])
     parser["bundle_root"] = str(BUNDLE)
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("model", state))
     network.eval()
     inferer = parser.get_parsed_content("inferer")
     low, high = parser.get_parsed_content("hu_window")
     keys = ["image", "label", "organs"]
     transform = Compose([LoadImaged(keys), EnsureChannelFirstd(keys), Orientationd(keys, "RAS"),
                          Spacingd(keys, parser.get_parsed_content("pixdim"), mode=["bilinear", "nearest", "nearest"]),
-                         ScaleIntensityRanged("image", low, high, 0.0, 1.0, clip=True)])
+                         ScaleIntensityRanged("image", low, high, 0.0, 1.0, clip=True),
+                         CropForegroundd(keys, source_key="image")])
     cases, pooled = [], {"tp": 0, "fp": 0, "fn": 0}
     for record in load_datalist(datalist, split):
         data = transform({k: record[k] for k in keys})
@@ -82,8 +85,9 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
         print(f"{c['case']}: Dice {c['dice']:.3f}, tumour {c['label_voxels']} voxels, missed {fn}, false positive "
               f"{fp} ({', '.join(f'{k} {v}' for k, v in c['fp_by_organ'].items() if v)})", flush=True)
     pooled["dice"] = 2 * pooled["tp"] / max(2 * pooled["tp"] + pooled["fp"] + pooled["fn"], 1)
+    pooled["mean_case_dice"] = float(np.mean([c["dice"] for c in cases]))
     pooled["fp_by_organ"] = {name: sum(c["fp_by_organ"][name] for c in cases) for name in ORGANS.values()}
-    print(f"pooled: Dice {pooled['dice']:.3f}, missed {pooled['fn']}, false positive {pooled['fp']} voxels")
+    print(f"mean case Dice {pooled['mean_case_dice']:.3f}; pooled: Dice {pooled['dice']:.3f}, missed {pooled['fn']}, false positive {pooled['fp']} voxels")
     result = {"checkpoint": checkpoint, "datalist": datalist, "split": split, "cases": cases, "pooled": pooled}
     if out:
         Path(out).write_text(json.dumps(result, indent=1))

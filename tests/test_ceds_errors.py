@@ -29,3 +29,4 @@ def test_counts_of_an_all_tumour_model(tmp_path, ct_data):
         assert case["dice"] < 0.5 and case["missed_median_hu"] is None
     pooled = result["pooled"]
     assert pooled["fp"] == sum(c["fp"] for c in result["cases"]) and pooled["fn"] == 0
+    assert abs(pooled["mean_case_dice"] - sum(c["dice"] for c in result["cases"]) / len(result["cases"])) < 1e-9

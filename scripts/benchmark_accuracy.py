@@ -111,9 +111,11 @@ class BundleProfile:
     teacher: dict = field(default_factory=dict)
 
 
-# of 64 cases: 24 test, 16 validation and a training pool of 24 (10 % labels: 2 volumes, 20 %: 5); the 8 test
-# cases of a 40-case split (two of them tumour-free) moved a run's test Dice by several points
+# 24 test and 16 validation cases (the 8 test cases of a 40-case split, two of them tumour-free, moved a run's test
+# Dice by several points); of 64 cases a training pool of 24 (10 % labels: 2 volumes, 20 %: 5), of 120 one of 80
+# (10 %: 8 volumes, 20 %: 16)
 CPU_SPLIT = {"test_fraction": 0.375, "val_fraction": 0.25}
+CPU_SPLIT_120 = {"test_fraction": 0.2, "val_fraction": 2 / 15}
 
 PROFILES = {
     "cpu": {
@@ -124,12 +126,14 @@ PROFILES = {
             train={"epochs": 40, "epoch_length": 20, "val_interval": 4, "checkpoint_interval": 10},
         ),
         "ceds_mediastinum": BundleProfile(
-            data={"n_cases": 64},
-            split=CPU_SPLIT,
+            # 80 training volumes: with 24, supervised training fitted its training cases (Dice 0.88) far better
+            # than the validation cases (0.72); doc: Targets
+            data={"n_cases": 120},
+            split=CPU_SPLIT_120,
             overlays=("cpu_demo.json",),
-            # 1600 iterations: at 800 the validation Dice still rose (0.67 at 100 %, doc: Targets)
-            train={"epochs": 80, "epoch_length": 20, "val_interval": 8, "warmup": 1 / 3, "confidence_interval": 1 / 3,
-                   "confidence_length": 1 / 15, "checkpoint_interval": 20},
+            # 1600 iterations of two volumes (four 32³ patches): at 800 the validation Dice still rose
+            train={"epochs": 80, "epoch_length": 20, "val_interval": 8, "batch_size": 2, "warmup": 1 / 3,
+                   "confidence_interval": 1 / 3, "confidence_length": 1 / 15, "checkpoint_interval": 20},
         ),
     },
     # a smoke test of the whole pipeline (tests/test_benchmark.py), seconds per run; its numbers mean nothing

@@ -110,7 +110,7 @@ def trained(tmp_path_factory, ct_data):
     """A 3-epoch CEDS training (warm-up, semi-supervised, confidence re-training) on the 20 % datalist."""
     out = tmp_path_factory.mktemp("ceds_train")
     proc = bundle_run(["train.json"], out, *data_args(ct_data), "--ckpt_dir", str(out / "models"),
-                      "--output_dir", str(out / "train"), "--epochs", "3", *SCHEDULE)
+                      "--output_dir", str(out / "train"), "--epochs", "3", *SCHEDULE, "--grad_share_interval", "1")
     return out, proc.stdout + proc.stderr
 
 
@@ -132,6 +132,10 @@ def test_train_writes_checkpoints_and_metrics(trained):
     assert any("Epoch: 1/3" in ln and "loss_seg: 0.0000" not in ln for ln in lines)
     assert any("Epoch: 2/3" in ln and "consistency_weight: 0.0000" not in ln for ln in lines)
     assert any("Epoch: 3/3" in ln and "loss_seg: 0.0000" in ln and "loss_confidence: 0.0000" not in ln for ln in lines)
+    # the consistency's share of the student's gradient is logged, and it acts once its weight ramps up
+    shares = [float(ln.split("grad_share_consistency: ")[1].split()[0])
+              for ln in lines if "grad_share_consistency" in ln]
+    assert shares and max(shares) > 0.0
 
 
 @pytest.mark.integration

@@ -136,3 +136,41 @@ def test_semi_supervised_trainer_without_unlabelled_data_is_supervised_training(
             weights.append(net.weight.detach().clone())
         torch.testing.assert_close(weights[0], weights[1])
         assert outputs == pytest.approx([i / 6 for i in range(6)])
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_gradient_share_handler_measures_each_weighted_term(bundle):
+    """``GradientShareHandler`` reports ``w_t |dL_t| / (w_ref |dL_ref|)`` at its interval, before the step: a term
+    twice the reference with weight 0.25 (read from the output, as a ramped weight) has share 0.5, a float term 0,
+    a missing term nothing; the training step itself is unchanged."""
+    from ignite.engine import Events
+
+    semi = bundle_module(bundle, "semi_supervised")
+    data = [{"image": torch.randn(4, 3), "label": torch.randn(4, 1)} for _ in range(4)]
+
+    def terms(outputs, targets, unlabelled_outputs, teacher, progress):
+        seg = ((outputs - targets) ** 2).mean()
+        double = 2.0 * seg
+        return {"loss": seg + 0.25 * double, "loss_seg": seg, "loss_double": double, "loss_const": 3.0,
+                "double_weight": torch.tensor(0.25)}
+
+    shares, weights = [], []
+    for interval in (0, 2):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 1)
+        engine = semi.SemiSupervisedTrainer(
+            device="cpu", max_epochs=1, train_data_loader=data, network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=terms, decollate=False)
+        semi.GradientShareHandler(["loss_double", "loss_const", "loss_missing"], reference="loss_seg",
+                                  weights={"loss_double": "double_weight"}, interval=interval).attach(engine)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: shares.append(
+            {k: v for k, v in e.state.output.items() if k.startswith("grad_share")}))
+        engine.run()
+        weights.append(net.weight.detach().clone())
+    assert shares[:4] == [{}] * 4  # interval 0: disabled
+    assert shares[4] == {} and shares[6] == {}  # iterations 1 and 3
+    for measured in (shares[5], shares[7]):
+        assert measured.keys() == {"grad_share_double", "grad_share_const"}
+        assert measured["grad_share_double"] == pytest.approx(0.5)
+        assert measured["grad_share_const"] == 0.0
+    torch.testing.assert_close(weights[0], weights[1])

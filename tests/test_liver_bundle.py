@@ -105,7 +105,8 @@ def trained(tmp_path_factory, liver_data):
     common += ["--epochs", "1", "--val_interval", "1", "--num_samples", "2"]
     bundle_run([str(CONFIGS / "train.json"), str(CONFIGS / "train_teacher.json"), DEMO], work, *common)
     proc = bundle_run(
-        [str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json")
+        [str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json"),
+        "--grad_share_interval", "1",
     )
     (work / "student.log").write_text(proc.stdout + proc.stderr)
     return work
@@ -135,6 +136,11 @@ def test_student_used_every_term(trained):
     assert "loaded the frozen teacher" in log
     logged = [line for line in log.splitlines() if " loss: " in line]
     assert logged and all(f" loss_{term}: " in logged[-1] for term in SSL_TERMS), logged[-1:]
+    # each distillation and consistency term's share of the student's gradient is logged; the distillation terms
+    # act from the first iteration (the consistency's ramped weight is still about 1e-3 in this one-iteration run)
+    shares = {t: float(logged[-1].split(f" grad_share_{t}: ")[1].split()[0])
+              for t in ("attention", "feature", "contrast", "distill_kl", "consistency")}
+    assert all(shares[t] > 0.0 for t in ("attention", "feature", "contrast", "distill_kl")), shares
 
 
 @pytest.mark.integration

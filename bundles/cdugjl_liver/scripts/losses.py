@@ -35,9 +35,10 @@ Outputs = Mapping[str, Any]
 
 
 def _weighted(terms: dict[str, torch.Tensor], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """``{"loss": sum_t weights[t] * terms[t], "loss_<t>": terms[t], ...}``."""
+    """``{"loss": sum_t weights[t] * terms[t], "loss_<t>": terms[t], ...}`` (the terms attached to the graph, for
+    :class:`scripts.semi_supervised.GradientShareHandler`)."""
     total = sum(weights[name] * value for name, value in terms.items())
-    return {"loss": total, **{f"loss_{name}": value.detach() for name, value in terms.items()}}
+    return {"loss": total, **{f"loss_{name}": value for name, value in terms.items()}}
 
 
 def _cat_rows(groups: Sequence[Outputs]) -> dict[str, Any]:

@@ -9,19 +9,24 @@ Each bundle is downloaded alone, so each ships this module; the copies are ident
 3. ``teacher = run_teacher(inputs, targets, unlabelled, progress)`` without gradients (``None`` if there is none);
 4. ``outputs, unlabelled_outputs = run_student(inputs, unlabelled, progress)``;
 5. ``terms = loss_function(outputs, targets, unlabelled_outputs, teacher, progress)``: a dict holding the
-   optimised total ``"loss"`` and named float terms (``"loss_seg"``, ...), all copied into ``engine.state.output``
-   where handlers read them;
+   optimised total ``"loss"`` and named terms (``"loss_seg"``, ...), all copied into ``engine.state.output`` where
+   handlers read them: as tensors, still attached to the graph, for the ``LOSS_COMPLETED`` handlers
+   (:class:`GradientShareHandler`), as floats from then on;
 6. backward and optimiser step, with ``SupervisedTrainer``'s automatic mixed precision and gradient accumulation.
 
 Each bundle subclasses it and gives its own :meth:`~SemiSupervisedTrainer.run_teacher` and
 :meth:`~SemiSupervisedTrainer.run_student`; behaviour around the step (EMA updates, learning-rate schedules,
 validation, logging) is attached by ignite events. ``progress`` is a :class:`RunProgress`, so that every schedule is
 a fraction of the run's iterations, never a number of epochs.
+
+:class:`GradientShareHandler` measures what each loss term contributes to the student's gradient, so that a term
+too small to act (or one that drowns the supervised loss) shows in the training log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +38,7 @@ from monai.utils import CommonKeys as Keys
 
 from .mean_teacher import UnlabeledStream
 
-__all__ = ["RunProgress", "SemiSupervisedTrainer", "plain"]
+__all__ = ["GradientShareHandler", "RunProgress", "SemiSupervisedTrainer", "plain"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function: as ``SupervisedTrainer``;
             ``loss_function(outputs, targets, unlabelled_outputs, teacher, progress)`` returns a dict with the
-            scalar ``"loss"`` and other float terms.
+            scalar ``"loss"`` and other scalar terms (tensors, attached to the graph where they depend on the
+            student, or floats).
         unlabeled: the unlabelled stream (:class:`scripts.mean_teacher.UnlabeledStream`); ``None`` or empty: none.
         kwargs: other arguments of ``SupervisedTrainer`` (``train_handlers``, ``prepare_batch``, ``amp``, ...).
     """
@@ -148,8 +154,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             engine.state.output[Keys.PRED] = outputs
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = engine.loss_function(outputs, targets, unlabelled_outputs, teacher, progress)
-            engine.state.output.update({k: v if k == Keys.LOSS else float(v) for k, v in terms.items()})
+            engine.state.output.update(terms)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            engine.state.output.update({k: float(v) for k, v in terms.items() if k != Keys.LOSS})
 
         # gradient accumulation and mixed precision as in SupervisedTrainer
         acc = engine.accumulation_steps
@@ -177,3 +184,66 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class GradientShareHandler:
+    """Each loss term's share of the student's gradient, every ``interval`` iterations.
+
+    At ``LOSS_COMPLETED`` (before the backward pass) it computes, for every term ``t`` of ``engine.state.output``,
+    the norm of ``w_t * d(L_t)/d(theta)`` over the student's trainable parameters ``theta`` (one extra backward
+    pass per term) and writes ``"grad_share_<t>" = w_t |dL_t/dtheta| / (w_ref |dL_ref/dtheta|)`` into
+    ``engine.state.output``, where the logging handlers find it. A share near 0 means the term does not act; the
+    reference is the supervised term. A term that does not reach the student (a float, or a tensor without
+    gradient) has share 0, a term missing from the output none; nothing is written when the reference has no
+    gradient.
+
+    Args:
+        terms: keys of ``engine.state.output`` to measure (e.g. ``["loss_consistency"]``).
+        reference: the key of the supervised term.
+        weights: the weight ``w`` of a term (or of the reference) in the optimised loss: a number, or the key of
+            ``engine.state.output`` that holds it (a ramped weight such as ``"consistency_weight"``); 1 otherwise.
+        interval: measure at every ``interval``-th iteration; ``0`` disables the handler.
+        network: the student (default: the engine's ``network``).
+    """
+
+    def __init__(
+        self,
+        terms: Sequence[str],
+        reference: str = "loss_seg",
+        weights: Mapping[str, float | str] | None = None,
+        interval: int = 50,
+        network: torch.nn.Module | None = None,
+    ) -> None:
+        self.terms = tuple(terms)
+        self.reference = reference
+        self.weights = dict(weights or {})
+        self.interval = int(interval)
+        self.network = network
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def _weight(self, output: Mapping[str, Any], term: str) -> float:
+        weight = self.weights.get(term, 1.0)
+        return float(output[weight]) if isinstance(weight, str) else float(weight)
+
+    @staticmethod
+    def _norm(value: Any, params: list[torch.Tensor]) -> float:
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            return 0.0
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+
+    def __call__(self, engine: Any) -> None:
+        if self.interval <= 0 or engine.state.iteration % self.interval != 0:
+            return
+        output = engine.state.output
+        network = self.network if self.network is not None else engine.network
+        params = [p for p in network.parameters() if p.requires_grad]
+        reference = self._weight(output, self.reference) * self._norm(output.get(self.reference), params)
+        if reference <= 0.0:
+            return
+        for term in (t for t in self.terms if t in output):
+            norm = self._norm(output[term], params)
+            share = self._weight(output, term) * norm / reference if norm > 0.0 else 0.0
+            output[f"grad_share_{term.removeprefix('loss_')}"] = share

@@ -220,8 +220,9 @@ class CEDSLoss(nn.Module):
             progress: the iteration's place in the run.
 
         Returns:
-            ``"loss"`` (the optimised total), ``"loss_seg"``, ``"loss_confidence"``, ``"loss_consistency"`` and
-            ``"consistency_weight"`` (terms not used in the phase are 0).
+            ``"loss"`` (the optimised total), ``"loss_seg"``, ``"loss_confidence"``, ``"loss_consistency"`` (attached
+            to the graph, for :class:`scripts.semi_supervised.GradientShareHandler`) and ``"consistency_weight"``
+            (terms not used in the phase are 0).
         """
         phase = self.schedule.phase(progress)
         seg, confidence = outputs
@@ -243,8 +244,8 @@ class CEDSLoss(nn.Module):
             loss = loss_seg + weight * loss_consistency
         return {
             "loss": loss,
-            "loss_seg": loss_seg.detach(),
-            "loss_confidence": loss_confidence.detach(),
-            "loss_consistency": loss_consistency.detach(),
+            "loss_seg": loss_seg,
+            "loss_confidence": loss_confidence,
+            "loss_consistency": loss_consistency,
             "consistency_weight": torch.tensor(weight),
         }

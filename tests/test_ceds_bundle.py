@@ -127,11 +127,13 @@ def test_train_writes_checkpoints_and_metrics(trained):
     metrics = (out / "train" / "validation" / "metrics.csv").read_text()
     assert metrics.startswith("val_mean_dice")
     assert list((out / "train").glob("events.out.tfevents.*"))
-    # all three phases ran: supervised (seg + confidence), semi-supervised (consistency weight > 0), confidence-only
+    # all three phases ran: supervised (seg + confidence), semi-supervised (consistency weight > 0), re-training
+    # (semi-supervised + confidence)
     lines = [ln for ln in log.splitlines() if "Epoch: " in ln and "Iter:" in ln]
     assert any("Epoch: 1/3" in ln and "loss_seg: 0.0000" not in ln for ln in lines)
     assert any("Epoch: 2/3" in ln and "consistency_weight: 0.0000" not in ln for ln in lines)
-    assert any("Epoch: 3/3" in ln and "loss_seg: 0.0000" in ln and "loss_confidence: 0.0000" not in ln for ln in lines)
+    assert any("Epoch: 3/3" in ln and "loss_seg: 0.0000" not in ln and "loss_confidence: 0.0000" not in ln
+               and "consistency_weight: 0.0000" not in ln for ln in lines)  # re-training: segmentation goes on
     # the consistency's share of the student's gradient is logged, and it acts once its weight ramps up
     shares = [float(ln.split("grad_share_consistency: ")[1].split()[0])
               for ln in lines if "grad_share_consistency" in ln]

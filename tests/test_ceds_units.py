@@ -220,7 +220,8 @@ def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, ma
         optimizer, trainer_mod.cosine_lr_lambda(total_steps=10, base_lr=0.1, min_lr=0.01))
     teacher = mean_teacher.ema_network(net)
     handlers = [LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False),
-                mean_teacher.EMAUpdateHandler(teacher, net, when=lambda engine: engine.updates_teacher())]
+                mean_teacher.EMAUpdateHandler(teacher, net, when=lambda engine: engine.updates_teacher(),
+                                              copied=["confidence_decoder", "cbam", "confidence_out"])]
     trainer = trainer_mod.CEDSTrainer(
         device="cpu",
         max_epochs=max_epochs,
@@ -293,11 +294,12 @@ def test_short_retraining_window_runs_one_iteration(trainer_mod):
 
 
 def _ran_phase(output: dict) -> str:
-    """The phase an iteration ran, read from its losses: confidence-only has no segmentation loss, the mean
-    teacher a positive consistency weight."""
-    if output["loss_seg"] == 0.0:
-        return "confidence"
-    return "semi" if output["consistency_weight"] > 0.0 else "warmup"
+    """The phase an iteration ran, read from its losses: the warm-up has no consistency weight, the mean teacher no
+    confidence loss, the re-training window both (and every phase a segmentation loss)."""
+    assert output["loss_seg"] > 0.0
+    if output["consistency_weight"] == 0.0:
+        return "warmup"
+    return "confidence" if output["loss_confidence"] > 0.0 else "semi"
 
 
 def test_phases_follow_iterations_not_epochs(trainer_mod, losses, networks):
@@ -326,13 +328,14 @@ def test_phases_follow_iterations_not_epochs(trainer_mod, losses, networks):
     # the weight ramps over the first half of the run: exp(-5 (1 - t / 0.5)^2) at t = 4 / 20, then 1 from t = 0.5
     weights = [w for _, w in runs[0]]
     assert weights[4] == pytest.approx(math.exp(-5 * (1 - 0.2 / 0.5) ** 2), abs=1e-6)
-    assert weights[10:] == [0.0 if p == "confidence" else 1.0 for p in expected[10:]]
+    assert weights[10:] == [1.0] * 10  # the re-training windows keep the consistency
 
 
 @pytest.mark.parametrize("iteration,phase", [(1, "warmup"), (2, "semi"), (3, "confidence")])
 def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
-    """Each phase moves the right parameters (one optimiser: the others get no gradient and are skipped) and only
-    the semi-supervised phase moves the teacher."""
+    """Each phase moves the right parameters (one optimiser: the others get no gradient and are skipped): the
+    segmentation in every phase, the confidence branch in the warm-up and the re-training window, the teacher after
+    the warm-up, with the student's confidence branch copied into it."""
     from ignite.engine import Events
 
     # 3 epochs of 1 iteration: warm-up, then a 1-iteration re-training window every 2 iterations from the start
@@ -356,11 +359,15 @@ def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
         return any(not torch.equal(x, y) for x, y in zip(a, b))
 
     assert trainer.state.iteration == iteration
-    assert moved(before["seg"], net.segmentation_parameters()) == (phase != "confidence")
+    assert moved(before["seg"], net.segmentation_parameters())
     assert moved(before["conf"], net.confidence_parameters()) == (phase != "semi")
-    assert moved(before["teacher"], trainer.ema.parameters()) == (phase == "semi")
+    assert moved(before["teacher"], trainer.ema.parameters()) == (phase != "warmup")
     assert math.isfinite(float(out["loss"].detach()))
-    assert (out["loss_consistency"] > 0) == (phase == "semi")
-    assert (out["consistency_weight"] > 0) == (phase == "semi")
+    assert (out["loss_consistency"] > 0) == (phase != "warmup")
+    assert (out["consistency_weight"] > 0) == (phase != "warmup")
     if phase == "semi":  # first iteration after the warm-up: the teacher copies the student (decay 0)
         assert all(torch.equal(t, s) for t, s in zip(trainer.ema.parameters(), net.parameters()))
+    if phase == "confidence":  # the re-trained confidence branch is the teacher's, not averaged into it
+        teacher = trainer.ema.module
+        assert all(torch.equal(t, s) for t, s in zip(teacher.confidence_parameters(), net.confidence_parameters()))
+        assert moved(teacher.segmentation_parameters(), net.segmentation_parameters())  # averaged

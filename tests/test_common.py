@@ -100,6 +100,23 @@ def test_ema_handler_updates_only_when_asked(mean_teacher):
     assert int(ema.n_averaged) == 1
 
 
+def test_ema_handler_copies_named_submodules(mean_teacher):
+    """``copied`` submodules are the student's after every update; the others are averaged (decay 0.5)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    ema = mean_teacher.ema_network(net, decay=0.5)
+    handler = mean_teacher.EMAUpdateHandler(ema, net, copied=["1"])
+    handler(None)  # the first update copies everything
+    first = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    handler(None)
+    for (name, averaged), old, new in zip(ema.module.named_parameters(), first, net.parameters()):
+        expected = new if name.startswith("1.") else 0.5 * (old + new)
+        torch.testing.assert_close(averaged, expected)
+
+
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_semi_supervised_trainer_without_unlabelled_data_is_supervised_training(bundle):
     """With no unlabelled stream and no teacher, the shared trainer takes the same steps as MONAI's

@@ -14,7 +14,7 @@ Each bundle is downloaded alone, so each ships this module; the copies are ident
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -126,6 +126,9 @@ class EMAUpdateHandler:
         ema: the ``AveragedModel``.
         network: the student (possibly DDP-wrapped); default: the engine's ``network``.
         when: ``engine -> bool``, whether to update after the engine's current iteration; default: always.
+        copied: names of the student's submodules that the EMA takes over as they are (parameters and buffers)
+            instead of averaging them, e.g. a branch re-trained from time to time whose new state should act at
+            once.
     """
 
     def __init__(
@@ -133,10 +136,12 @@ class EMAUpdateHandler:
         ema: AveragedModel,
         network: nn.Module | None = None,
         when: Callable[[Engine], bool] | None = None,
+        copied: Sequence[str] = (),
     ) -> None:
         self.ema = ema
         self.network = network
         self.when = when
+        self.copied = tuple(copied)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -144,8 +149,10 @@ class EMAUpdateHandler:
     def __call__(self, engine: Engine) -> None:
         if self.when is not None and not self.when(engine):
             return
-        network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
-        self.ema.update_parameters(unwrap(network))
+        student = unwrap(self.network if self.network is not None else engine.network)  # type: ignore[attr-defined]
+        self.ema.update_parameters(student)
+        for name in self.copied:
+            self.ema.module.get_submodule(name).load_state_dict(student.get_submodule(name).state_dict())
 
 
 class UnlabeledStream:

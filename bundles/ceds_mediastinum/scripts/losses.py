@@ -165,10 +165,10 @@ class CEDSLoss(nn.Module):
     """The CEDS training loss of each phase of a :class:`scripts.trainer.CEDSSchedule`.
 
     - ``warmup``: ``seg_loss(seg, label) + confidence_loss(confidence, seg, label)``;
-    - ``confidence``: ``confidence_loss(confidence, seg, label)``;
     - ``semi``: ``seg_loss(seg, label) + w(t) * consistency_loss(student, teacher, teacher confidence)`` over the
       labelled and unlabelled patches, with ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup)``
-      (``t``: the fraction of the run done); the teacher's confidence masks the consistency in ``"ceds"`` mode only.
+      (``t``: the fraction of the run done); the teacher's confidence masks the consistency in ``"ceds"`` mode only;
+    - ``confidence``: the ``semi`` loss ``+ confidence_loss(confidence, seg, label)``.
 
     Args:
         schedule: the run's :class:`scripts.trainer.CEDSSchedule` (also the trainer's).
@@ -227,21 +227,20 @@ class CEDSLoss(nn.Module):
         phase = self.schedule.phase(progress)
         seg, confidence = outputs
         zero = seg.new_zeros(())
-        loss_seg, loss_confidence, loss_consistency, weight = zero, zero, zero, 0.0
+        loss_confidence, loss_consistency, weight = zero, zero, 0.0
+        loss_seg = self.seg_loss(seg, targets)
         if phase == "warmup":
-            loss_seg = self.seg_loss(seg, targets)
             loss_confidence = self.confidence_loss(confidence, seg, targets)
             loss = loss_seg + loss_confidence
-        elif phase == "confidence":
-            loss_confidence = self.confidence_loss(confidence, seg, targets)
-            loss = loss_confidence
         else:
-            loss_seg = self.seg_loss(seg, targets)
             student = seg if unlabelled_outputs is None else torch.cat([seg, unlabelled_outputs[0]])
             mask_logits = teacher["confidence"] if self.schedule.mode == "ceds" else None  # type: ignore[index]
             loss_consistency = self.consistency_loss(student, teacher["seg"], mask_logits)  # type: ignore[index]
             weight = self.consistency_weight * sigmoid_rampup(progress.fraction, self.consistency_rampup)
             loss = loss_seg + weight * loss_consistency
+            if phase == "confidence":
+                loss_confidence = self.confidence_loss(confidence, seg, targets)
+                loss = loss + loss_confidence
         return {
             "loss": loss,
             "loss_seg": loss_seg,

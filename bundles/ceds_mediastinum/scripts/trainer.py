@@ -9,13 +9,17 @@ of epochs, so the phases do not move with the length of an epoch (label ratio, `
 - ``warmup`` (the first ``warmup`` of the run, and every iteration in ``"supervised"`` mode): labelled patches
   only, no noise; segmentation loss (DiceCE) on the encoder and segmentation decoder, class-balanced confidence loss
   on the confidence branch.
-- ``confidence`` (periodic windows after the warm-up; ``"ceds"`` mode only): the confidence branch alone is
-  re-trained on the labelled patches with the student's input noise.
-- ``semi`` (all other iterations): mean teacher. The batch is the labelled patches followed by unlabelled patches;
+- ``semi`` (after the warm-up, outside the re-training windows): mean teacher. The batch is the labelled patches followed by unlabelled patches;
   the student sees strongly noised input, the EMA teacher weakly noised input; loss = DiceCE on the labelled part
   + ``w(t) * consistency`` over the whole batch, where the consistency is masked by the teacher's confidence
   (``"ceds"``) or not (``"mean_teacher"``); the EMA teacher is updated after the step
   (:class:`scripts.mean_teacher.EMAUpdateHandler` when :meth:`CEDSTrainer.updates_teacher`).
+- ``confidence`` (periodic windows after the warm-up; ``"ceds"`` mode only): the ``semi`` step, plus the
+  class-balanced confidence loss on the labelled patches, so that the confidence branch is re-trained on the
+  current segmentation while the segmentation training goes on: every method gets the same number of
+  segmentation updates, and no iteration trains the confidence branch alone. The teacher's confidence branch is
+  the student's, copied rather than averaged (``EMAUpdateHandler(copied=...)``), so a re-trained branch masks the
+  consistency at once.
 
 One optimiser holds every parameter; the confidence branch sees detached inputs (:class:`scripts.networks.CEDSNet`),
 so each phase's loss reaches only the parameters it trains, and the optimiser skips the others (their gradients are
@@ -138,13 +142,13 @@ class CEDSTrainer(SemiSupervisedTrainer):
             does not move the parameters its loss does not reach).
         loss_function: :class:`scripts.losses.CEDSLoss` with the same ``schedule``.
         schedule: the :class:`CEDSSchedule`.
-        unlabeled: unlabelled data (``image`` only, :class:`scripts.mean_teacher.UnlabeledStream`), drawn in the
-            ``semi`` phase; a semi-supervised ``schedule`` needs it.
+        unlabeled: unlabelled data (``image`` only, :class:`scripts.mean_teacher.UnlabeledStream`), drawn after
+            the warm-up; a semi-supervised ``schedule`` needs it.
         ema: the EMA teacher (:func:`scripts.mean_teacher.ema_network`; the liver bundle's ``ema`` too); a
             semi-supervised ``schedule`` needs it.
         teacher_train_mode: run the teacher in training mode (dropout and batch statistics on, as the authors) or
             in eval mode.
-        student_noise: ``(std, clip)`` of the student's input noise in the ``confidence`` and ``semi`` phases.
+        student_noise: ``(std, clip)`` of the student's input noise after the warm-up.
         teacher_noise: ``(std, clip)`` of the teacher's input noise.
         kwargs: other arguments of ``monai.engines.SupervisedTrainer`` (``train_handlers``, ``epoch_length``, ...).
 
@@ -178,12 +182,12 @@ class CEDSTrainer(SemiSupervisedTrainer):
         self.teacher_noise = tuple(teacher_noise)
 
     def updates_teacher(self) -> bool:
-        """Whether the EMA teacher follows the student after the current iteration: in the ``semi`` phase only."""
-        return self.schedule.phase(RunProgress.of(self)) == "semi"
+        """Whether the EMA teacher follows the student after the current iteration: after the warm-up."""
+        return self.schedule.phase(RunProgress.of(self)) != "warmup"
 
     def draw_unlabelled(self, progress: RunProgress) -> dict[str, torch.Tensor] | None:
-        """The next unlabelled batch in the ``semi`` phase, ``None`` in the others."""
-        return super().draw_unlabelled(progress) if self.schedule.phase(progress) == "semi" else None
+        """The next unlabelled batch after the warm-up, ``None`` in the warm-up."""
+        return super().draw_unlabelled(progress) if self.schedule.phase(progress) != "warmup" else None
 
     def run_teacher(
         self,
@@ -192,7 +196,7 @@ class CEDSTrainer(SemiSupervisedTrainer):
         unlabelled: Mapping[str, torch.Tensor] | None,
         progress: RunProgress,
     ) -> dict[str, torch.Tensor] | None:
-        """The EMA teacher on the weakly noised labelled and unlabelled patches (``semi`` phase; called without
+        """The EMA teacher on the weakly noised labelled and unlabelled patches (after the warm-up; called without
         gradients).
 
         Returns:
@@ -212,8 +216,8 @@ class CEDSTrainer(SemiSupervisedTrainer):
         """The student's ``(seg_logits, confidence_logits)`` (through the trainer's ``inferer``) on the labelled and
         on the unlabelled patches.
 
-        Clean labelled patches in the warm-up; in the other phases the student's input noise, and in the ``semi``
-        phase one pass over the labelled and unlabelled patches together (shared batch statistics, as the authors).
+        Clean labelled patches in the warm-up; after it the student's input noise and one pass over the labelled and
+        unlabelled patches together (shared batch statistics, as the authors).
 
         Returns:
             ``(labelled outputs, unlabelled outputs or None)``.

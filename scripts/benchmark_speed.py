@@ -878,7 +878,8 @@ def profile(
                 profiler = IterationProfiler()
                 profiler.attach(trainer)
                 last: dict[str, torch.Tensor] = {}
-                trainer.add_event_handler(Events.GET_BATCH_COMPLETED, lambda e: last.update(image=e.state.batch["image"]))
+                trainer.add_event_handler(Events.GET_BATCH_COMPLETED,
+                                          lambda e: last.update(image=e.state.batch["image"]))
                 trainer.run()
                 phases = {p: _median(t[warmup:]) for p, t in profiler.times.items()}
                 steps = [sum(t[i] for t in profiler.times.values()) for i in range(warmup, warmup + iterations)]

@@ -3,8 +3,9 @@
 The network, its input window, spacing and sliding-window settings come from the bundle's ``inference.json`` (plus
 an overlay such as ``configs/cpu_demo.json``); each case of a datalist split is resampled and cropped to the body as
 in training and inference (image bilinear, label and organ map nearest), segmented, and compared voxel by voxel
-with its label. False positives are counted by the organ they fall in (the phantoms' ``organs`` map: lung, heart, great vessels, bone, airway,
-mediastinum, or background = body wall and muscle), and the CT value of missed and found tumour voxels is reported.
+with its label. False positives are counted by the organ they fall in (the phantoms' ``organs`` map: lung, heart,
+great vessels, bone, airway, mediastinum, or background = body wall and muscle), and the CT value of missed and
+found tumour voxels is reported.
 
 Usage:
     python scripts/ceds_errors.py --checkpoint <models/model.pt> --datalist <datalist_100.json> \
@@ -87,7 +88,8 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     pooled["dice"] = 2 * pooled["tp"] / max(2 * pooled["tp"] + pooled["fp"] + pooled["fn"], 1)
     pooled["mean_case_dice"] = float(np.mean([c["dice"] for c in cases]))
     pooled["fp_by_organ"] = {name: sum(c["fp_by_organ"][name] for c in cases) for name in ORGANS.values()}
-    print(f"mean case Dice {pooled['mean_case_dice']:.3f}; pooled: Dice {pooled['dice']:.3f}, missed {pooled['fn']}, false positive {pooled['fp']} voxels")
+    print(f"mean case Dice {pooled['mean_case_dice']:.3f}; pooled: Dice {pooled['dice']:.3f}, "
+          f"missed {pooled['fn']}, false positive {pooled['fp']} voxels")
     result = {"checkpoint": checkpoint, "datalist": datalist, "split": split, "cases": cases, "pooled": pooled}
     if out:
         Path(out).write_text(json.dumps(result, indent=1))

@@ -194,7 +194,8 @@ def report(summary: dict[str, dict[str, Path]]) -> None:
                 continue
             files = sorted(p for p in Path(path).rglob("*") if p.is_file())
             print(f"  {what:<11} {path}  ({len(files)} files)")
-            for f in files[:6] if what != "metrics" else [f for f in files if f.name in ("metrics.csv", "per_case.csv")]:
+            shown = files[:6] if what != "metrics" else [f for f in files if f.name in ("metrics.csv", "per_case.csv")]
+            for f in shown:
                 print(f"      {f.relative_to(path)}")
         means = Path(paths["metrics"]) / "metrics.csv"
         if means.exists():

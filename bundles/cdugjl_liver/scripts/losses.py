@@ -256,8 +256,8 @@ class CdUgJLLoss(MultiTaskLoss):
             student_rows = _cat_rows([s for s, _ in groups])
             teacher_rows = _cat_rows([t for _, t in groups])
             if self.attention_weight or self.feature_weight:
-                distillation = self.distillation(student_rows["features"], teacher_rows["features"])  # type: ignore[misc]
-                attention, feature = distillation
+                features = (student_rows["features"], teacher_rows["features"])
+                attention, feature = self.distillation(*features)  # type: ignore[misc]
                 if self.attention_weight:
                     terms["attention"] = attention
                 if self.feature_weight:

@@ -9,10 +9,10 @@ of epochs, so the phases do not move with the length of an epoch (label ratio, `
 - ``warmup`` (the first ``warmup`` of the run, and every iteration in ``"supervised"`` mode): labelled patches
   only, no noise; segmentation loss (DiceCE) on the encoder and segmentation decoder, class-balanced confidence loss
   on the confidence branch.
-- ``semi`` (after the warm-up, outside the re-training windows): mean teacher. The batch is the labelled patches followed by unlabelled patches;
-  the student sees strongly noised input, the EMA teacher weakly noised input; loss = DiceCE on the labelled part
-  + ``w(t) * consistency`` over the whole batch, where the consistency is masked by the teacher's confidence
-  (``"ceds"``) or not (``"mean_teacher"``); the EMA teacher is updated after the step
+- ``semi`` (after the warm-up, outside the re-training windows): mean teacher. The batch is the labelled patches
+  followed by unlabelled patches; the student sees strongly noised input, the EMA teacher weakly noised input;
+  loss = DiceCE on the labelled part + ``w(t) * consistency`` over the whole batch, where the consistency is masked
+  by the teacher's confidence (``"ceds"``) or not (``"mean_teacher"``); the EMA teacher is updated after the step
   (:class:`scripts.mean_teacher.EMAUpdateHandler` when :meth:`CEDSTrainer.updates_teacher`).
 - ``confidence`` (periodic windows after the warm-up; ``"ceds"`` mode only): the ``semi`` step, plus the
   class-balanced confidence loss on the labelled patches, so that the confidence branch is re-trained on the

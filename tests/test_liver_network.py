@@ -128,6 +128,25 @@ def test_slice_inferer_physical_units():
     assert post["quant"].shape == (5, 3, 4)
 
 
+class _InputRecorder(_ConstantQuantNet):
+    def forward_all(self, x):
+        self.seen = x
+        return super().forward_all(x)
+
+
+def test_slice_inferer_pads_with_the_border_not_the_mean():
+    """The padding repeats the slice's border (air), not zeros (the mean intensity of a normalised image)."""
+    inferers = bundle_module(BUNDLE, "inferers")
+    volume = torch.full((1, 1, 40, 30, 1), -2.0)  # a normalised slice whose border is dark air
+    volume[:, :, 10:30, 10:20] = 1.0
+    net = _InputRecorder([[0.5, 2.0, 3.0, 0.01]] * 3)
+    inferers.SliceQuantInferer()(volume, net)
+    assert net.seen.shape[2:] == (48, 32)
+    assert (net.seen == -2.0).sum() == (net.seen < 0).sum() == 48 * 32 - 20 * 10  # no zero frame
+    inferers.SliceQuantInferer(padding_mode="constant")(volume, net)
+    assert (net.seen == 0).sum() == 48 * 32 - 40 * 30
+
+
 def test_multitask_loss_and_prepare_batch():
     trainer = bundle_module(BUNDLE, "trainer")
     nets = bundle_module(BUNDLE, "networks")

@@ -43,7 +43,7 @@ class SliceQuantInferer(Inferer):
     """Run a 2D network with a ``forward_all`` method slice by slice over ``[B, C, H, W, D]`` volumes.
 
     Every slice is seen whole (the quantification head pools the whole field of view): batches of
-    ``sw_batch_size`` slices are zero-padded symmetrically to a multiple of ``divisible``, the Dirichlet
+    ``sw_batch_size`` slices are padded symmetrically to a multiple of ``divisible``, the Dirichlet
     concentrations are cropped back, and the per-slice NIG parameters are converted from field-of-view units to
     mm / mm^2 in the slice frame of the unpadded slice (centre measured from its first pixel centre along the two
     in-plane array axes, see :func:`scripts.networks.field_of_view_scale`), using the spacing of the input's affine.
@@ -53,6 +53,11 @@ class SliceQuantInferer(Inferer):
         sw_batch_size: slices per forward pass.
         divisible: the network's size divisor (16 for MEAMT-Net).
         quant_key: the meta key of the returned tensor holding the per-slice NIG parameters.
+        padding_mode: ``torch.nn.functional.pad`` mode of that padding. ``"replicate"`` (default) extends the
+            slice's border (air around a body); zeros would put a frame of the mean intensity of a normalised
+            image around it, which the network never sees in training: a contrast-enhanced teacher read the
+            dark air inside such a frame as cyst (31 600 false-positive voxels over 16 validation volumes,
+            against 2 900 with replicate padding; ``cdugjl_liver`` 0.5.2).
 
     Returns (``__call__``): a MetaTensor ``[B, K, H, W, D]`` of concentrations (meta copied from the input) whose
     ``meta[quant_key]`` is ``[B, D, Q, 4]`` (gamma, nu, alpha, beta; for Q = 3: centre along the first and second
@@ -60,7 +65,14 @@ class SliceQuantInferer(Inferer):
     batched. Use :class:`ExtractQuantificationd` to move it into the data dictionary after decollation.
     """
 
-    def __init__(self, spatial_dim: int = 2, sw_batch_size: int = 8, divisible: int = 16, quant_key: str = "quant"):
+    def __init__(
+        self,
+        spatial_dim: int = 2,
+        sw_batch_size: int = 8,
+        divisible: int = 16,
+        quant_key: str = "quant",
+        padding_mode: str = "replicate",
+    ):
         super().__init__()
         if spatial_dim not in (0, 1, 2):
             raise ValueError(f"spatial_dim must be 0, 1 or 2, got {spatial_dim}.")
@@ -68,6 +80,7 @@ class SliceQuantInferer(Inferer):
         self.sw_batch_size = sw_batch_size
         self.divisible = divisible
         self.quant_key = quant_key
+        self.padding_mode = padding_mode
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> MetaTensor:
         """
@@ -95,7 +108,7 @@ class SliceQuantInferer(Inferer):
             alpha_b, quant_b = [], []
             for start in range(0, slices.shape[0], self.sw_batch_size):
                 x = slices[start : start + self.sw_batch_size]
-                x = F.pad(x, [before[1], pad[1] - before[1], before[0], pad[0] - before[0]])
+                x = F.pad(x, [before[1], pad[1] - before[1], before[0], pad[0] - before[0]], mode=self.padding_mode)
                 out = forward_all(x)
                 alpha_b.append(out["alpha"][:, :, before[0] : before[0] + shape[0], before[1] : before[1] + shape[1]])
                 nig = out["quant"].float()

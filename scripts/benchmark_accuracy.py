@@ -449,6 +449,7 @@ def trial(
     phantom: dict | None = None,
     train: dict | None = None,
     split: dict | None = None,
+    variant: str = "trial",
     profile: str = "cpu",
     threads: int = 1,
     work_dir: str = str(WORK_DIR),
@@ -458,7 +459,8 @@ def trial(
     This is how phantom difficulty and profile settings are chosen: the test split is never evaluated. The data
     (the profile's phantom arguments updated by ``phantom``) and the run go to ``<work_dir>/trials/<name>/<profile>/``;
     runs of one ``name`` share their data. The record (validation curve, commands, seconds, settings) is written to
-    ``<work_dir>/trials/<name>/<profile>/<bundle>/trial/<run>.json``.
+    ``<work_dir>/trials/<name>/<profile>/<bundle>/<variant>/<run>.json``, so that runs of one ``name`` with other
+    training settings (one ``variant`` each) compare on the same data.
 
     Args:
         bundle: the bundle.
@@ -469,6 +471,7 @@ def trial(
         phantom: phantom arguments to change, e.g. ``{"conspicuity": [1, 1]}``.
         train: training overrides to change, e.g. ``{"epochs": 80}``.
         split: split arguments to change, e.g. ``{"test_fraction": 0.2}``.
+        variant: the run's folder inside the trial, one per training setting of the same data.
         profile: the profile the trial starts from.
         threads: ``OMP_NUM_THREADS`` of the run.
         work_dir: the benchmark's work folder.
@@ -481,7 +484,7 @@ def trial(
                        split={**base.split, **(split or {})})
     folder = Path(work_dir) / "trials" / name
     bench = Benchmark(profile, folder, folder, threads, {bundle: settings})
-    run = Run(bundle, "trial", int(ratio), method, int(seed), METHODS[bundle][method])
+    run = Run(bundle, variant, int(ratio), method, int(seed), METHODS[bundle][method])
     record = bench.execute(run, evaluate=False)
     print(f"{name} {bundle} {run.name}: validation Dice "
           + " ".join(f"{v:.3f}@{int(i)}" for i, v in record["validation"]), flush=True)

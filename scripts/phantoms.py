@@ -298,12 +298,20 @@ def _liver_anatomy(grid: Grid, shape: Sequence[int], rng: np.random.Generator) -
 
 
 def _lesion_signal(
-    kind: str, rho: np.ndarray, spots: np.ndarray, t2_contrast: float, dwi_contrast: float, ce_contrast: float
+    kind: str,
+    rho: np.ndarray,
+    spots: np.ndarray,
+    t2_contrast: float,
+    dwi_contrast: float,
+    ce_contrast: float,
+    cyst_like_fluid: bool = True,
 ) -> np.ndarray:
     """Signal of a lesion in (t2w, dwi, art, pv, delay) for voxels at normalised radius ``rho``; shape [5, N].
 
     ``spots`` in [-1, 1] (smooth noise) makes the nodular / mosaic patterns. T2WI/DWI deltas are relative to the
-    liver and scaled by ``t2_contrast`` / ``dwi_contrast``; CE deltas are scaled by ``ce_contrast``.
+    liver and scaled by ``t2_contrast`` / ``dwi_contrast``; CE deltas are scaled by ``ce_contrast``. A cyst with
+    ``cyst_like_fluid`` takes the T2WI / DWI signal of fluid (gallbladder, stomach content), as it does in the CE
+    phases, whatever the contrast scales.
     """
     liver = _MR_SIGNAL["liver"]
     rim = rho > 0.65
@@ -328,6 +336,8 @@ def _lesion_signal(
     out[1] = liver[1] * dwi
     for i, values in enumerate(ce):
         out[2 + i] = liver[2 + i] + ce_contrast * (values - liver[2 + i])
+    if kind == "cyst" and cyst_like_fluid:
+        out[:2] = np.array(_MR_SIGNAL["fluid"][:2], np.float32)[:, None]
     return out
 
 
@@ -344,6 +354,7 @@ def liver_case(
     ce_contrast: float = 1.0,
     noise: float = 1.0,
     misregistration: float = 1.5,
+    cyst_like_fluid: bool = True,
 ) -> dict:
     """Generate one liver-MRI case in memory (see :func:`liver_mri` for the arguments).
 
@@ -394,7 +405,8 @@ def liver_case(
     for s, name in enumerate(LIVER_SEQUENCES + LIVER_CE_PHASES):
         img = _MR_TABLE[tissue, s] * (1.0 + 0.05 * texture)
         for (mask, rho_in), kind, f in zip(lesion_voxels, kinds, factors):
-            sig = _lesion_signal(kind, rho_in, spots[mask], f * t2_contrast, f * dwi_contrast, ce_contrast)[s]
+            sig = _lesion_signal(kind, rho_in, spots[mask], f * t2_contrast, f * dwi_contrast, ce_contrast,
+                                 cyst_like_fluid)[s]
             img[mask] = sig * (1.0 + 0.04 * texture[mask])
         images[name] = ndimage.gaussian_filter(img, (0.6, 0.6, 0.3))
 
@@ -433,6 +445,7 @@ def liver_mri(
     ce_contrast: float = 1.0,
     noise: float = 1.0,
     misregistration: float = 1.5,
+    cyst_like_fluid: bool = True,
 ) -> str:
     """Write a multi-sequence liver-MRI phantom dataset (T2WI, DWI and three contrast-enhanced phases).
 
@@ -446,8 +459,8 @@ def liver_mri(
     HCC-like              slightly bright      hyper-enhancing              washout, delayed capsule
     metastasis-like       slightly bright      rim enhancement              hypo-enhancing core
     haemangioma-like      bright T2            peripheral nodules           centripetal fill-in
-    cyst                  very bright T2,      no enhancement               no enhancement
-                          dark DWI
+    cyst                  fluid: very bright   no enhancement               no enhancement
+                          T2, dark DWI
     ====================  ===================  ===========================  ==========================
 
     Lesions are thus conspicuous in the CE phases but only weakly in T2WI/DWI (lesion-to-liver contrast of the
@@ -478,6 +491,10 @@ def liver_mri(
         ce_contrast: scale of the lesion-to-liver differences in the CE phases (1 = default appearance).
         noise: scale of the noise standard deviations (1 = default: liver SNR ~5.5 T2WI, ~3.6 DWI, >13 CE).
         misregistration: largest in-plane DWI shift in voxels.
+        cyst_like_fluid: cysts take the signal of fluid in T2WI and DWI (default), as they do in the CE phases,
+            so that in every sequence only their place in the liver tells them from the gallbladder or the stomach
+            content; ``False``: the T2WI / DWI contrast of the other types, scaled by ``conspicuity`` (before
+            ``docs/benchmarks.md`` found that a CE teacher then lost to its T2WI + DWI student on cysts alone).
 
     Returns:
         path of the written ``dataset.json``.
@@ -486,7 +503,8 @@ def liver_mri(
     out = Path(out_dir)
     kwargs = dict(size=size, n_slices=n_slices, max_lesions=max_lesions, lesion_radius=tuple(lesion_radius),
                   t2_contrast=t2_contrast, dwi_contrast=dwi_contrast, conspicuity=tuple(conspicuity),
-                  ce_contrast=ce_contrast, noise=noise, misregistration=misregistration)
+                  ce_contrast=ce_contrast, noise=noise, misregistration=misregistration,
+                  cyst_like_fluid=cyst_like_fluid)
     records = []
     for i in range(n_cases):
         case = f"liver_{i:03d}"

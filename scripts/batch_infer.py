@@ -23,8 +23,12 @@ is spent on it. A case that is invalid or fails during inference is recorded wit
 invalid, 2 when the case list itself is unusable (missing, empty, duplicate case ids).
 
 QC: ``needs_review`` is set when the predicted mask is empty or when the mean doubt inside the mask (the bundle's
-uncertainty map, or 1 - its confidence map) is above ``qc_threshold``. The default threshold of each bundle
-(:data:`DEFAULT_QC_THRESHOLDS`) was chosen on the validation split by ``scripts/qc_threshold.py``.
+uncertainty map, or 1 - its confidence map) is above ``qc_threshold``. Each bundle's default threshold is its
+``metadata.json`` ``quality_control`` ``doubt_threshold``, chosen on the validation split by
+``scripts/qc_threshold.py`` (``null``: only an empty mask needs review).
+
+Cases are named by the bundle's own rule (``scripts/case_meta.py`` of the bundle, loaded by path), and a folder of
+a multi-modal bundle is read with the file-name suffixes of its ``metadata.json`` (``channel_file_suffixes``).
 
 The bundle's workflow (network, checkpoint, transforms, inferer) is built once per run with
 :class:`monai.bundle.ConfigWorkflow`; each case is run through it by swapping the one record of its dataset. After a
@@ -44,6 +48,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,32 +57,74 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from input_checks import InputError, check_case, load_cases  # noqa: E402
+from bundle_imports import bundle_module, use_bundle
+from input_checks import InputError, check_case, load_cases
 
-__all__ = ["DEFAULT_QC_THRESHOLDS", "BundleRunner", "WorkflowError", "provenance", "quality_check", "save_overview", "run_batch", "main"]
-
-DEFAULT_MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {"cdugjl_liver": ("_t2w", "_dwi")}
-"""File name suffixes of the modalities, in channel order, for folder inputs of multi-modal bundles."""
-
-DEFAULT_QC_THRESHOLDS: dict[str, float | None] = {"cdugjl_liver": 0.119, "ceds_mediastinum": None}
-"""Mean doubt inside the mask above which a case needs review, per bundle, chosen with ``scripts/qc_threshold.py``
-on the validation split of the ``cpu`` benchmark (``docs/benchmarks.md``, *Targets*). Liver: the mean evidential
-uncertainty flags 90 % of the cases with Dice < 0.5 and 30 % of the others (6 models, 96 cases). CEDS: ``None``,
-no doubt-based flag: its mean ``1 - confidence`` did not separate poor cases at all (Youden J 0, 3 models, 48
-cases), so only an empty mask is flagged. A bundle not listed gets ``None`` too."""
+__all__ = ["BatchOptions", "BundleRunner", "WorkflowError", "bundle_cases", "provenance", "quality_check",
+           "save_overview", "run_batch", "with_bundle_defaults", "main"]
 
 DONE_MARKER = "done.json"
 STAGING = ".staging"
 logger = logging.getLogger("batch_infer")
 
 
-def _unload_foreign_scripts(bundle: Path) -> None:
-    """Forget another bundle's ``scripts`` package (every bundle ships one) so that this bundle's is imported."""
-    loaded = sys.modules.get("scripts")
-    if loaded is not None and Path(loaded.__file__ or "").resolve().parent != (bundle / "scripts").resolve():
-        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
-            del sys.modules[name]
+@dataclass(frozen=True)
+class BatchOptions:
+    """How :func:`run_batch` runs a bundle (everything except the bundle, the cases and the output folder).
+
+    Args:
+        checkpoint: the weights (default ``<bundle>/models/model.pt``); sets the config's top-level ``checkpoint``
+            key, which the bundle's ``CheckpointLoader`` reads (``weights_only=True``).
+        overlay: config files appended after ``inference.json`` (paths relative to the bundle or absolute), e.g.
+            ``configs/cpu_demo.json``.
+        split: the datalist split to read when the inputs are a dict of splits.
+        device: e.g. ``"cpu"`` or ``"cuda:0"``; the bundle's default (CUDA when available) when ``None``.
+        sw_batch_size: windows (or slices) per forward pass; lower it to lower peak memory.
+        png: also write ``<case>_overview.png`` through the largest predicted lesion.
+        qc_threshold: mean doubt (uncertainty, or 1 - confidence) inside the mask that flags a case for review
+            (``None``: the bundle's ``metadata.json`` ``quality_control.doubt_threshold``).
+        modality_suffixes: file-name suffixes of the modalities for folder inputs (``None``: the bundle's
+            ``metadata.json`` ``channel_file_suffixes``).
+        override: further config overrides, ``{"id#path": value}``.
+        progress: show a progress bar.
+    """
+
+    checkpoint: str | None = None
+    overlay: str | Sequence[str] | None = None
+    split: str = "test"
+    device: str | None = None
+    sw_batch_size: int | None = None
+    png: bool = False
+    qc_threshold: float | None = None
+    modality_suffixes: Sequence[str] | None = None
+    override: dict | None = None
+    progress: bool = True
+
+    @property
+    def overlays(self) -> list[str]:
+        """``overlay`` as a list."""
+        return [self.overlay] if isinstance(self.overlay, (str, os.PathLike)) else list(self.overlay or [])
+
+
+def with_bundle_defaults(options: BatchOptions, meta: dict) -> BatchOptions:
+    """``options`` with the bundle's defaults (its ``metadata.json``) where they are ``None``: the modalities'
+    file-name suffixes (``network_data_format.inputs.image.channel_file_suffixes``) and the QC threshold
+    (``quality_control.doubt_threshold``)."""
+    if options.modality_suffixes is None:
+        image = meta["network_data_format"]["inputs"]["image"]
+        options = replace(options, modality_suffixes=tuple(image.get("channel_file_suffixes", ())))
+    if options.qc_threshold is None:
+        options = replace(options, qc_threshold=meta.get("quality_control", {}).get("doubt_threshold"))
+    return options
+
+
+def bundle_cases(bundle: str | os.PathLike, inputs: str, options: BatchOptions = BatchOptions()) -> list[dict]:
+    """The cases of ``inputs`` (:func:`input_checks.load_cases`), named by the bundle's own rule
+    (``scripts/case_meta.py``) with its modalities' file-name suffixes (or ``options.modality_suffixes``)."""
+    bundle = Path(bundle).resolve()
+    options = with_bundle_defaults(options, json.loads((bundle / "configs" / "metadata.json").read_text()))
+    case_name = bundle_module(bundle, "case_meta").case_name
+    return load_cases(inputs, case_name, split=options.split, modality_suffixes=options.modality_suffixes)
 
 
 class BundleRunner:
@@ -87,12 +134,7 @@ class BundleRunner:
         bundle: the bundle folder (with ``configs/inference.json``).
         staging_dir: the folder the bundle writes its outputs to (its ``output_dir``).
         first_record: the first case, ``{"image": path or [paths]}``; the workflow's dataset holds one record.
-        checkpoint: a checkpoint to use instead of ``<bundle>/models/model.pt`` (sets the config's top-level
-            ``checkpoint`` key, which the bundle's ``CheckpointLoader`` reads).
-        overlay: config files appended after ``inference.json`` (paths relative to the bundle or absolute).
-        device: e.g. ``"cpu"`` or ``"cuda:0"``; the bundle's default when ``None``.
-        sw_batch_size: windows (or slices) per forward pass; lower it to lower peak memory.
-        override: further config overrides, ``{"id#path": value}``.
+        options: checkpoint, overlays, device, ``sw_batch_size`` and overrides (:class:`BatchOptions`).
     """
 
     def __init__(
@@ -100,31 +142,25 @@ class BundleRunner:
         bundle: str | os.PathLike,
         staging_dir: str | os.PathLike,
         first_record: dict,
-        checkpoint: str | None = None,
-        overlay: str | Sequence[str] | None = None,
-        device: str | None = None,
-        sw_batch_size: int | None = None,
-        override: dict | None = None,
+        options: BatchOptions = BatchOptions(),
     ) -> None:
         from monai.bundle import ConfigParser, ConfigWorkflow
 
-        self.bundle = Path(bundle).resolve()
-        _unload_foreign_scripts(self.bundle)
+        self.bundle = use_bundle(Path(bundle).resolve())
         configs = self.bundle / "configs"
-        overlays = [overlay] if isinstance(overlay, (str, os.PathLike)) else list(overlay or [])
         config_files = [str(configs / "inference.json")]
-        config_files += [str(p if os.path.isabs(p) else self.bundle / p) for p in overlays]
+        config_files += [str(p if os.path.isabs(p) else self.bundle / p) for p in options.overlays]
         pairs: dict[str, Any] = {"bundle_root": str(self.bundle), "output_dir": os.fspath(staging_dir)}
         pairs["data"] = [{"image": first_record["image"]}]
-        if checkpoint is not None:
+        if options.checkpoint is not None:
             if "checkpoint" not in ConfigParser.load_config_files(config_files):
-                raise KeyError(f"{config_files[0]} has no top-level 'checkpoint' key to point at {checkpoint}")
-            pairs["checkpoint"] = os.path.abspath(checkpoint)
-        if device is not None:
-            pairs["device"] = device
-        if sw_batch_size is not None:
-            pairs["sw_batch_size"] = int(sw_batch_size)
-        pairs.update(override or {})
+                raise KeyError(f"{config_files[0]} has no top-level 'checkpoint' key to point at {options.checkpoint}")
+            pairs["checkpoint"] = os.path.abspath(options.checkpoint)
+        if options.device is not None:
+            pairs["device"] = options.device
+        if options.sw_batch_size is not None:
+            pairs["sw_batch_size"] = int(options.sw_batch_size)
+        pairs.update(options.override or {})
         self.workflow = ConfigWorkflow(
             config_file=config_files,
             meta_file=str(configs / "metadata.json"),
@@ -234,23 +270,19 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def provenance(bundle: Path, meta: dict, checkpoint: str | None, overlay: str | Sequence[str] | None,
-               override: dict | None) -> dict[str, Any]:
+def provenance(bundle: Path, meta: dict, options: BatchOptions) -> dict[str, Any]:
     """What produced a run's outputs: ``{"bundle", "bundle_version", "checkpoint", "checkpoint_sha256", "overlays",
     "override"}``.
 
     Args:
         bundle: the bundle folder.
         meta: its ``configs/metadata.json``.
-        checkpoint: the weights given (``None``: the bundle's ``models/model.pt``).
-        overlay: the config overlays.
-        override: the config overrides.
+        options: the run's checkpoint (``None``: the bundle's ``models/model.pt``), overlays and overrides.
     """
-    path = Path(checkpoint).resolve() if checkpoint else bundle / "models" / "model.pt"
-    overlays = [overlay] if isinstance(overlay, (str, os.PathLike)) else list(overlay or [])
+    path = Path(options.checkpoint).resolve() if options.checkpoint else bundle / "models" / "model.pt"
     return {"bundle": bundle.name, "bundle_version": meta.get("version"), "checkpoint": str(path),
-            "checkpoint_sha256": _sha256(path), "overlays": [str(o) for o in overlays],
-            "override": json.loads(json.dumps(override or {}, default=str))}
+            "checkpoint_sha256": _sha256(path), "overlays": [str(o) for o in options.overlays],
+            "override": json.loads(json.dumps(options.override or {}, default=str))}
 
 
 def _changed(old: dict | None, new: dict) -> list[str]:
@@ -342,9 +374,9 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _build_runner(bundle: Path, out: Path, record: dict, *args: Any) -> BundleRunner:
+def _build_runner(bundle: Path, out: Path, record: dict, options: BatchOptions) -> BundleRunner:
     try:
-        return BundleRunner(bundle, out / STAGING, record, *args)
+        return BundleRunner(bundle, out / STAGING, record, options)
     except Exception as e:
         cause = _root_cause(e)
         raise WorkflowError(f"cannot build the inference workflow of {bundle}: {type(cause).__name__}: "
@@ -367,18 +399,15 @@ def run_batch(
     bundle: str,
     inputs: str,
     out_dir: str,
-    checkpoint: str | None = None,
-    overlay: str | Sequence[str] | None = None,
-    split: str = "test",
-    device: str | None = None,
-    sw_batch_size: int | None = None,
-    png: bool = False,
-    qc_threshold: float | None = None,
-    modality_suffixes: Sequence[str] | None = None,
-    override: dict | None = None,
-    progress: bool = True,
+    options: BatchOptions = BatchOptions(),
 ) -> dict[str, Any]:
     """Run the bundle over every case; see the module docstring. Returns the run summary (also written to disk).
+
+    Args:
+        bundle: the bundle folder.
+        inputs: a folder of NIfTI files, a CSV or a datalist JSON (:func:`input_checks.load_cases`).
+        out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
+        options: how to run it (:class:`BatchOptions`).
 
     Raises:
         InputError: the case list is unusable (missing, empty, duplicate case ids).
@@ -387,21 +416,20 @@ def run_batch(
     """
     bundle_path = Path(bundle).resolve()
     meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
-    channels = int(meta["network_data_format"]["inputs"]["image"].get("num_channels", 1))
-    modality = meta["network_data_format"]["inputs"]["image"].get("modality")
-    suffixes = tuple(modality_suffixes or DEFAULT_MODALITY_SUFFIXES.get(bundle_path.name, ()))
-    records = load_cases(inputs, split=split, modality_suffixes=suffixes)
-    if qc_threshold is None:
-        qc_threshold = DEFAULT_QC_THRESHOLDS.get(bundle_path.name)
+    image = meta["network_data_format"]["inputs"]["image"]
+    channels, modality = int(image.get("num_channels", 1)), image.get("modality")
+    options = with_bundle_defaults(options, meta)
+    records = bundle_cases(bundle_path, inputs, options)
+    qc_threshold = options.qc_threshold
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runner: BundleRunner | None = None
     rows: list[dict] = []
-    made_by = provenance(bundle_path, meta, checkpoint, overlay, override)
+    made_by = provenance(bundle_path, meta, options)
     summary_meta = {"bundle": str(bundle_path), "inputs": os.path.abspath(inputs), "out_dir": str(out),
-                    "checkpoint": checkpoint, "provenance": made_by, "qc_threshold": qc_threshold,
+                    "checkpoint": options.checkpoint, "provenance": made_by, "qc_threshold": qc_threshold,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    for record in tqdm(records, desc=f"{bundle_path.name}", unit="case", disable=not progress):
+    for record in tqdm(records, desc=f"{bundle_path.name}", unit="case", disable=not options.progress):
         case, start = record["case"], time.perf_counter()
         row: dict[str, Any] = {"case": case, "status": "", "reason": "", "seconds": 0.0, "needs_review": "",
                                "qc_reason": "", "outputs": {}}
@@ -418,8 +446,8 @@ def run_batch(
                 row["reason"] = f"recomputed: the earlier output was made with another {', '.join(changed)}"
             check_case(record, modalities=channels, modality=modality)
             if runner is None:
-                runner = _build_runner(bundle_path, out, record, checkpoint, overlay, device, sw_batch_size, override)
-            done = _process(runner, record, out, qc_threshold, png, made_by)
+                runner = _build_runner(bundle_path, out, record, options)
+            done = _process(runner, record, out, qc_threshold, options.png, made_by)
             row.update(status="done", outputs=done["outputs"], needs_review=done["qc"]["needs_review"],
                        qc_reason=done["qc"]["reason"], qc=done["qc"])
         except InputError as e:
@@ -468,21 +496,15 @@ def main(
         inputs: a folder of NIfTI files, a CSV (``case``, ``image`` with ``;`` between modalities, ``label``) or
             a datalist JSON (a list of records or a dict of splits).
         out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
-        checkpoint: the weights (default ``<bundle>/models/model.pt``); loaded with ``weights_only=True``.
-        overlay: config file(s) appended to ``inference.json``, e.g. ``configs/cpu_demo.json``.
-        split: the datalist split to read when ``inputs`` is a dict of splits.
-        device: e.g. ``cpu``/``cuda:0`` (the bundle's default: CUDA when available).
-        sw_batch_size: windows/slices per forward pass; lower it to lower peak memory.
-        png: also write ``<case>_overview.png`` through the largest predicted lesion.
-        qc_threshold: mean doubt (uncertainty, or 1 - confidence) inside the mask that flags a case for review
-            (default: the bundle's :data:`DEFAULT_QC_THRESHOLDS`).
-        modality_suffixes: file name suffixes of the modalities for folder inputs (default per bundle).
-        override: further config overrides, e.g. ``"{'inferer#device': 'cpu'}"``.
+        checkpoint, overlay, split, device, sw_batch_size, png, qc_threshold, modality_suffixes, override: see
+            :class:`BatchOptions` (e.g. ``--overlay configs/cpu_demo.json``,
+            ``--override "{'inferer#device': 'cpu'}"``).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = BatchOptions(checkpoint, overlay, split, device, sw_batch_size, png, qc_threshold, modality_suffixes,
+                           override)
     try:
-        summary = run_batch(bundle, inputs, out_dir, checkpoint, overlay, split, device, sw_batch_size, png,
-                            qc_threshold, modality_suffixes, override)
+        summary = run_batch(bundle, inputs, out_dir, options)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,12 +15,13 @@ Usage:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import fire
 import numpy as np
 import torch
+
+from bundle_imports import bundle_module, use_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ceds_mediastinum"
@@ -43,11 +44,12 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     voxel counts (``tp``, ``fp``, ``fn``), false positives per organ and the median CT value (HU) of missed and
     found tumour voxels.
     """
-    sys.path.insert(0, str(BUNDLE))
     from monai.bundle import ConfigParser
     from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
                                   ScaleIntensityRanged, Spacingd)
-    from scripts.datalist import load_datalist
+
+    use_bundle(BUNDLE)  # the config's networks are scripts.networks.*, as in the bundle's initialize
+    load_datalist = bundle_module(BUNDLE, "datalist").load_datalist
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / "inference.json"), *([str(BUNDLE / overlay)] if overlay else [])])

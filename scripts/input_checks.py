@@ -23,7 +23,7 @@ import gzip
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -40,11 +40,14 @@ __all__ = [
     "check_modalities",
     "check_modality",
     "check_case",
-    "case_id",
     "load_cases",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+CaseName = Callable[[str | Sequence[str], Sequence[str]], str]
+"""A bundle's case-naming rule, ``case_name(image, modality_suffixes) -> case id`` (``scripts/case_meta.py``)."""
+
 AIR_HU = -500.0
 """Below this a CT voxel in Hounsfield units is air or lung (about -1000 HU); an MR magnitude never gets there."""
 MR_MAX_AIR_FRACTION = 0.05
@@ -351,34 +354,19 @@ def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: s
     return infos
 
 
-def case_id(image: str | Sequence[str], strip_suffixes: Sequence[str] = ()) -> str:
-    """Case id from the (first) image file name: the base name without ``.nii.gz``/``.nii`` and without the first
-    matching modality suffix (e.g. ``_t2w``)."""
-    first = os.fspath(image if isinstance(image, (str, os.PathLike)) else image[0])
-    name = os.path.basename(first)
-    for ext in NIFTI_SUFFIXES:
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    for suffix in strip_suffixes:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _resolve(base: str, value):
     if isinstance(value, (list, tuple)):
         return [os.path.normpath(os.path.join(base, os.fspath(v))) for v in value]
     return os.path.normpath(os.path.join(base, os.fspath(value)))
 
 
-def _from_folder(folder: str, modality_suffixes: Sequence[str]) -> list[dict]:
+def _from_folder(folder: str, case_name: CaseName, modality_suffixes: Sequence[str]) -> list[dict]:
     files = sorted(f for f in os.listdir(folder) if _is_nifti(f) and os.path.isfile(os.path.join(folder, f)))
     if len(modality_suffixes) < 2:
         return [{"image": os.path.join(folder, f)} for f in files]
     first, records, used = modality_suffixes[0], [], set()
     for f in files:
-        stem = case_id(f)
+        stem = case_name(f, ())
         if stem.endswith(first) and len(stem) > len(first):
             case = stem[: -len(first)]
             ext = f[len(stem):]
@@ -386,7 +374,7 @@ def _from_folder(folder: str, modality_suffixes: Sequence[str]) -> list[dict]:
             records.append({"case": case, "image": paths})
             used.update(os.path.basename(p) for p in paths)
     for f in files:  # one 4D file per case
-        if f not in used and not any(case_id(f).endswith(s) for s in modality_suffixes):
+        if f not in used and not any(case_name(f, ()).endswith(s) for s in modality_suffixes):
             records.append({"image": os.path.join(folder, f)})
     return records
 
@@ -435,13 +423,16 @@ def _from_datalist(path: str, split: str) -> list[dict]:
     return records
 
 
-def load_cases(inputs: str | os.PathLike, split: str = "test", modality_suffixes: Sequence[str] = ()) -> list[dict]:
+def load_cases(inputs: str | os.PathLike, case_name: CaseName, split: str = "test",
+               modality_suffixes: Sequence[str] = ()) -> list[dict]:
     """The cases to process, each ``{"case": id, "image": path or [paths], "label": path (optional), ...}``.
 
     Args:
         inputs: a folder of NIfTI files, a CSV file (column ``image``, several files separated by ``;``, optional
             ``case`` and ``label``; paths relative to the CSV's folder) or a datalist JSON (a list of records or a
             dict of splits; paths relative to its folder).
+        case_name: the bundle's case-naming rule, ``case_name(image, modality_suffixes) -> id`` (its
+            ``scripts/case_meta.py``), for records without a ``case``.
         split: the split of a datalist dict to read.
         modality_suffixes: for a folder of a multi-modal model, the file name suffixes of the modalities in channel
             order (e.g. ``("_t2w", "_dwi")``); files without them are taken as one 4D file per case. Also stripped
@@ -454,7 +445,7 @@ def load_cases(inputs: str | os.PathLike, split: str = "test", modality_suffixes
     if not os.path.exists(inputs):
         raise InputError(inputs, "input folder or list not found")
     if os.path.isdir(inputs):
-        records = _from_folder(inputs, modality_suffixes)
+        records = _from_folder(inputs, case_name, modality_suffixes)
     elif inputs.lower().endswith(".csv"):
         records = _from_csv(inputs)
     elif inputs.lower().endswith(".json"):
@@ -465,7 +456,7 @@ def load_cases(inputs: str | os.PathLike, split: str = "test", modality_suffixes
         raise InputError(inputs, "no cases found (empty folder or case list)")
     seen: dict[str, str] = {}
     for record in records:
-        record["case"] = str(record.get("case") or case_id(record["image"], modality_suffixes))
+        record["case"] = str(record.get("case") or case_name(record["image"], modality_suffixes))
         first = record["image"] if isinstance(record["image"], str) else record["image"][0]
         if record["case"] in seen:
             raise InputError(inputs, f"duplicate case id '{record['case']}' ({seen[record['case']]} and {first})")

@@ -45,7 +45,6 @@ SCENARIOS: dict[str, tuple[str, str, str, dict]] = {
 
 def _data(work: Path) -> dict[str, Path]:
     """Tiny phantom datasets (8 cases) with 20 % and 100 % datalists, as the test suite's fixtures."""
-    sys.path.insert(0, str(REPO / "scripts"))
     import phantoms
 
     folders = {}

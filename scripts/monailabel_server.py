@@ -206,7 +206,6 @@ def studies(
     import nibabel as nib
     import numpy as np
 
-    sys.path.insert(0, str(REPO / "scripts"))
     import phantoms
 
     work_dir = Path(work_dir).resolve()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,7 @@ import fire
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_infer import DONE_MARKER, run_batch  # noqa: E402
-from input_checks import load_cases  # noqa: E402
+from batch_infer import DONE_MARKER, BatchOptions, bundle_cases, run_batch
 
 __all__ = ["dice", "youden_threshold", "choose"]
 
@@ -99,12 +96,12 @@ def choose(
     """
     if split == "test":
         raise ValueError("choose the threshold on a validation split, not on the test split")
-    labels = {r["case"]: r["label"] for r in load_cases(datalist, split=split)}
+    labels = {r["case"]: r["label"] for r in bundle_cases(bundle, datalist, BatchOptions(split=split))}
     rows = []
     for i, checkpoint in enumerate(checkpoints):
         run_dir = Path(out_dir) / str(i)
-        summary = run_batch(bundle, datalist, str(run_dir), checkpoint=checkpoint, overlay=overlay, split=split,
-                            device="cpu", progress=False)
+        options = BatchOptions(checkpoint=checkpoint, overlay=overlay, split=split, device="cpu", progress=False)
+        summary = run_batch(bundle, datalist, str(run_dir), options)
         for case in summary["cases"]:
             if case["status"] not in ("done", "skipped"):
                 raise RuntimeError(f"{checkpoint}: case {case['case']} {case['status']}: {case['reason']}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ BUNDLES = REPO / "bundles"
 SCHEMA = Path(os.environ.get("MONAI_META_SCHEMA", REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"))
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 
-sys.path.insert(0, str(REPO / "scripts"))
-from bundle_imports import bundle_module  # noqa: E402  (tests import it from conftest)
+from bundle_imports import bundle_module  # tests import it from conftest; pytest.ini puts scripts/ on the path
 
 
 def meta_schema() -> Path:

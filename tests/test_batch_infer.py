@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +19,9 @@ import pytest
 import torch
 
 import batch_infer
-from conftest import BUNDLES, REPO, bundle_module
+from batch_infer import BatchOptions
+from bundle_imports import use_bundle
+from conftest import BUNDLES, REPO
 
 CT, LIVER = "ceds_mediastinum", "cdugjl_liver"
 OVERLAY = "configs/cpu_demo.json"
@@ -32,7 +35,7 @@ def _random_checkpoint(bundle: str, path: Path, extra: object | None = None) -> 
     """Save a random-init ``network_def`` (cpu_demo widths) state dict, as ``models/model.pt`` holds it."""
     from monai.bundle import ConfigParser
 
-    bundle_module(bundle, "networks")
+    use_bundle(bundle)
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / bundle / "configs" / "inference.json"), str(BUNDLES / bundle / OVERLAY)])
     parser["bundle_root"] = str(BUNDLES / bundle)
@@ -78,7 +81,21 @@ def test_quality_check():
     # no threshold (CEDS's default): only an empty mask needs review, the mean doubt is still recorded
     unflagged = batch_infer.quality_check(mask, doubt, None)
     assert not unflagged["needs_review"] and unflagged["mean_doubt_in_mask"] == pytest.approx(0.4)
-    assert batch_infer.DEFAULT_QC_THRESHOLDS == {"cdugjl_liver": 0.119, "ceds_mediastinum": None}
+    # each bundle's default lives in its metadata.json; the run resolves it there
+    defaults = {b: batch_infer.with_bundle_defaults(batch_infer.BatchOptions(), json.loads(
+        (BUNDLES / b / "configs" / "metadata.json").read_text())) for b in (CT, LIVER)}
+    assert (defaults[LIVER].qc_threshold, defaults[CT].qc_threshold) == (0.119, None)
+    assert (defaults[LIVER].modality_suffixes, defaults[CT].modality_suffixes) == (("_t2w", "_dwi"), ())
+
+
+def test_inference_names_cases_with_the_suffixes_of_its_metadata():
+    """The bundle's outputs (inference.json) and batch_infer's case list (metadata.json) strip the same suffixes."""
+    for bundle in (CT, LIVER):
+        configs = BUNDLES / bundle / "configs"
+        meta = json.loads((configs / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+        inference = json.loads((configs / "inference.json").read_text())
+        assert inference["modality_suffixes"] == meta.get("channel_file_suffixes", [])
+        assert len(inference["modality_suffixes"]) in (0, meta["num_channels"])
 
 
 def test_overview_png_through_largest_lesion(tmp_path):
@@ -158,28 +175,28 @@ def test_provenance_recorded_and_another_checkpoint_recomputes(ct_data, ct_model
     inputs.mkdir()
     shutil.copy(ct_data / "imagesTr" / "ct_000.nii.gz", inputs)
     out = tmp_path / "out"
-    args = dict(bundle=str(BUNDLES / CT), inputs=str(inputs), out_dir=str(out), checkpoint=str(ct_model),
-                overlay=OVERLAY, device="cpu", progress=False)
-    first = batch_infer.run_batch(**args)
+    options = BatchOptions(checkpoint=str(ct_model), overlay=OVERLAY, device="cpu", progress=False)
+    args = (str(BUNDLES / CT), str(inputs), str(out))
+    first = batch_infer.run_batch(*args, options)
     made_by = json.loads((out / "ct_000" / "done.json").read_text())["provenance"]
     meta = json.loads((BUNDLES / CT / "configs" / "metadata.json").read_text())
     assert made_by == first["provenance"] == {
         "bundle": CT, "bundle_version": meta["version"], "checkpoint": str(ct_model.resolve()),
         "checkpoint_sha256": hashlib.sha256(ct_model.read_bytes()).hexdigest(), "overlays": [OVERLAY], "override": {}}
-    assert batch_infer.run_batch(**args)["cases"][0]["status"] == "skipped"
+    assert batch_infer.run_batch(*args, options)["cases"][0]["status"] == "skipped"
 
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
     torch.save({k: torch.randn_like(v) if v.is_floating_point() else v
                 for k, v in torch.load(ct_model, weights_only=True).items()}, other)
-    again = batch_infer.run_batch(**{**args, "checkpoint": str(other)})
+    again = batch_infer.run_batch(*args, replace(options, checkpoint=str(other)))
     row = again["cases"][0]
     assert row["status"] == "done" and "checkpoint" in row["reason"] and "checkpoint_sha256" in row["reason"]
     done = json.loads((out / "ct_000" / "done.json").read_text())
     assert done["provenance"]["checkpoint_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     # an override is part of the provenance too
-    changed = batch_infer.run_batch(**{**args, "checkpoint": str(other), "override": {"sw_batch_size": 1}})
+    changed = batch_infer.run_batch(*args, replace(options, checkpoint=str(other), override={"sw_batch_size": 1}))
     assert changed["cases"][0]["status"] == "done" and "override" in changed["cases"][0]["reason"]
 
 
@@ -194,8 +211,8 @@ def test_each_bundle_refuses_the_other_modality(ct_data, liver_data, ct_model, l
         listing = tmp_path / f"{bundle}.json"
         listing.write_text(json.dumps([record]))
         out = tmp_path / bundle
-        summary = batch_infer.run_batch(str(BUNDLES / bundle), str(listing), str(out), checkpoint=str(model),
-                                        overlay=OVERLAY, device="cpu", progress=False)
+        summary = batch_infer.run_batch(str(BUNDLES / bundle), str(listing), str(out),
+                                        BatchOptions(checkpoint=str(model), overlay=OVERLAY, device="cpu", progress=False))
         row = summary["cases"][0]
         assert row["status"] == "invalid" and reason in row["reason"], row
         assert summary["counts"]["invalid"] == 1 and not (out / record["case"]).exists()
@@ -221,8 +238,8 @@ def test_failing_case_leaves_nothing_half_written(ct_data, ct_model, tmp_path, m
     datalist = tmp_path / "cases.json"
     datalist.write_text(json.dumps([{"case": c, "image": str(ct_data / "imagesTr" / f"{c}.nii.gz")} for c in cases]))
     out = tmp_path / "out"
-    summary = batch_infer.run_batch(str(BUNDLES / CT), str(datalist), str(out), str(ct_model), OVERLAY,
-                                    device="cpu", progress=False)
+    summary = batch_infer.run_batch(str(BUNDLES / CT), str(datalist), str(out),
+                                    BatchOptions(str(ct_model), OVERLAY, device="cpu", progress=False))
     assert [r["status"] for r in summary["cases"]] == ["done", "failed", "failed", "done"]
     assert summary["cases"][1]["reason"] == "RuntimeError: disk full (simulated)"
     assert "ghost.nii.gz" in summary["cases"][2]["reason"]
@@ -240,8 +257,8 @@ def test_liver_datalist_with_separate_and_4d_inputs(liver_data, liver_model, tmp
     datalist.write_text(json.dumps({"test": [{"image": [str(liver_data / p) for p in record["image"]]},
                                              {"case": "stacked", "image": "stacked.nii.gz"}]}))
     out = tmp_path / "out"
-    summary = batch_infer.run_batch(str(BUNDLES / LIVER), str(datalist), str(out), str(liver_model), OVERLAY,
-                                    device="cpu", png=True, progress=False)
+    summary = batch_infer.run_batch(str(BUNDLES / LIVER), str(datalist), str(out),
+                                    BatchOptions(str(liver_model), OVERLAY, device="cpu", png=True, progress=False))
     name = record["case"]
     assert [(r["case"], r["status"]) for r in summary["cases"]] == [(name, "done"), ("stacked", "done")]
     for case in (name, "stacked"):
@@ -261,8 +278,8 @@ def test_volume_larger_than_roi_streams_through_sliding_window(tmp_path, ct_mode
     phantoms.mediastinal_ct(str(tmp_path / "big"), n_cases=1, seed=1, size=128, n_slices=96)
     image = next((tmp_path / "big" / "imagesTr").glob("*.nii.gz"))
     out = tmp_path / "out"
-    runner = batch_infer.BundleRunner(BUNDLES / CT, out, {"image": str(image)}, str(ct_model), OVERLAY, "cpu",
-                                      sw_batch_size=1, override={"inferer#device": "cpu"})
+    options = BatchOptions(str(ct_model), OVERLAY, device="cpu", sw_batch_size=1, override={"inferer#device": "cpu"})
+    runner = batch_infer.BundleRunner(BUNDLES / CT, out, {"image": str(image)}, options)
     inferer = runner.workflow.parser.get_parsed_content("inferer")
     assert type(inferer).__name__ == "SlidingWindowInferer" and inferer.sw_batch_size == 1
     header = nib.load(str(image))
@@ -283,8 +300,8 @@ def test_checkpoint_with_non_tensor_objects_is_refused(bundle, ct_data, liver_da
     datalist = str(data / "datalist_100.json")
     out = tmp_path / "out"
     try:
-        summary = batch_infer.run_batch(str(BUNDLES / bundle), datalist, str(out), str(evil), OVERLAY, device="cpu",
-                                        progress=False)
+        summary = batch_infer.run_batch(str(BUNDLES / bundle), datalist, str(out),
+                                        BatchOptions(str(evil), OVERLAY, device="cpu", progress=False))
         reasons = [r["reason"] for r in summary["cases"]]
     except batch_infer.WorkflowError as e:  # the CT bundle loads its checkpoint while the workflow is built
         reasons = [str(e)]

@@ -1,4 +1,4 @@
-"""The modules both bundles ship (``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``, and
+"""The modules both bundles ship (``scripts/case_meta.py``, ``scripts/mean_teacher.py``, ``scripts/semi_supervised.py``,
 ``scripts/surface_metrics.py`` and ``scripts/datalist.py``, tested in ``test_undefined_distances.py`` and
 ``test_liver_data.py``): identical copies, and what each piece does."""
 
@@ -12,13 +12,42 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("datalist.py", "mean_teacher.py", "semi_supervised.py", "surface_metrics.py")
+COMMON = ("case_meta.py", "datalist.py", "mean_teacher.py", "semi_supervised.py", "surface_metrics.py")
 
 
 @pytest.mark.parametrize("name", COMMON)
 def test_copies_are_identical(name):
     liver, ct = (BUNDLES / b / "scripts" / name for b in BUNDLE_NAMES)
     assert liver.read_bytes() == ct.read_bytes(), f"{liver} and {ct} differ: change both (a bundle ships alone)"
+
+
+@pytest.fixture(params=BUNDLE_NAMES)
+def case_meta(request):
+    return bundle_module(request.param, "case_meta")
+
+
+def test_case_name(case_meta):
+    name = case_meta.case_name
+    assert name(["/a/liver_001_t2w.nii.gz", "/a/liver_001_dwi.nii.gz"], ("_t2w", "_dwi")) == "liver_001"
+    assert name("/a/liver_001_dwi.NII.GZ", ("_t2w", "_dwi")) == "liver_001"
+    assert name("MR1234.nii", ("_t2w",)) == "MR1234" and name("_t2w.nii.gz", ("_t2w",)) == "_t2w"
+    assert name("ct_007.nii.gz") == "ct_007" and name("ct_007_t2w.nii.gz") == "ct_007_t2w"
+    formatter = case_meta.CaseNameFormatter(("_t2w", "_dwi"))
+    assert formatter({"filename_or_obj": "/x/liver_002_t2w.nii.gz", "patch_index": None}, None) == {
+        "subject": "liver_002", "idx": None}
+
+
+def test_voxel_spacing(case_meta):
+    from monai.data import MetaTensor
+
+    affine = torch.tensor([[0.0, -0.8, 0.0, 5.0], [0.7, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 1.0], [0, 0, 0, 1.0]])
+    volume = MetaTensor(torch.zeros(1, 1, 4, 4, 2), affine=affine)  # axes swapped: column lengths, not the diagonal
+    assert case_meta.voxel_spacing(volume).tolist() == [[pytest.approx(0.7), pytest.approx(0.8), 5.0]]
+    batch = MetaTensor(torch.zeros(2, 1, 4, 4), affine=torch.stack([affine, 2 * affine]))
+    batch.is_batch = True
+    assert case_meta.voxel_spacing(batch).tolist() == [[pytest.approx(0.7), pytest.approx(0.8)],
+                                                       [pytest.approx(1.4), pytest.approx(1.6)]]
+    assert case_meta.voxel_spacing(torch.zeros(3, 1, 4, 4)).tolist() == [[1.0, 1.0]] * 3
 
 
 @pytest.fixture(params=BUNDLE_NAMES)

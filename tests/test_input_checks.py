@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 import input_checks as ic
+from conftest import bundle_module
 from input_checks import InputError
+
+CASE_NAME = bundle_module("cdugjl_liver", "case_meta").case_name
+
+
+def load_cases(inputs, **kwargs):
+    return ic.load_cases(inputs, CASE_NAME, **kwargs)
 
 SPACING = (0.8, 0.8, 2.0)
 
@@ -239,25 +246,25 @@ def _write_cases(folder: Path, names) -> list[str]:
 def test_empty_datalist_folder_and_csv(tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [], "test": []}))
-    _expect(datalist, "no cases found", ic.load_cases, datalist)
+    _expect(datalist, "no cases found", load_cases, datalist)
     (tmp_path / "empty").mkdir()
-    _expect(tmp_path / "empty", "no cases found", ic.load_cases, tmp_path / "empty")
+    _expect(tmp_path / "empty", "no cases found", load_cases, tmp_path / "empty")
     table = tmp_path / "cases.csv"
     table.write_text("case,image\n")
-    _expect(table, "no cases found", ic.load_cases, table)
+    _expect(table, "no cases found", load_cases, table)
 
 
 def test_datalist_errors(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{'test': [")
-    _expect(broken, "not valid JSON", ic.load_cases, broken)
+    _expect(broken, "not valid JSON", load_cases, broken)
     nosplit = tmp_path / "nosplit.json"
     nosplit.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
-    _expect(nosplit, "no 'test' list", ic.load_cases, nosplit)
+    _expect(nosplit, "no 'test' list", load_cases, nosplit)
     noimage = tmp_path / "noimage.json"
     noimage.write_text(json.dumps({"test": [{"label": "a.nii.gz"}]}))
-    _expect(noimage, "has no 'image'", ic.load_cases, noimage)
-    _expect(tmp_path / "missing.json", "not found", ic.load_cases, tmp_path / "missing.json")
+    _expect(noimage, "has no 'image'", load_cases, noimage)
+    _expect(tmp_path / "missing.json", "not found", load_cases, tmp_path / "missing.json")
 
 
 def test_duplicate_case_ids(tmp_path):
@@ -265,10 +272,10 @@ def test_duplicate_case_ids(tmp_path):
     _write_cases(tmp_path / "b", ["ct_000"])
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [{"image": "a/ct_000.nii.gz"}, {"image": "b/ct_000.nii.gz"}]}))
-    _expect(datalist, "duplicate case id 'ct_000'", ic.load_cases, datalist)
+    _expect(datalist, "duplicate case id 'ct_000'", load_cases, datalist)
     table = tmp_path / "cases.csv"
     table.write_text("case,image\nx,a/ct_000.nii.gz\nx,b/ct_000.nii.gz\n")
-    _expect(table, "duplicate case id 'x'", ic.load_cases, table)
+    _expect(table, "duplicate case id 'x'", load_cases, table)
 
 
 def test_case_sources(tmp_path):
@@ -276,17 +283,17 @@ def test_case_sources(tmp_path):
     data = tmp_path / "data"
     _write_cases(data, ["p1_t2w", "p1_dwi", "p2_t2w", "p2_dwi"])
     _write(data / "p3.nii.gz", _image((16, 16, 8, 2)))
-    records = ic.load_cases(data, modality_suffixes=("_t2w", "_dwi"))
+    records = load_cases(data, modality_suffixes=("_t2w", "_dwi"))
     assert [r["case"] for r in records] == ["p1", "p2", "p3"]
     assert records[0]["image"] == [str(data / "p1_t2w.nii.gz"), str(data / "p1_dwi.nii.gz")]
     table = tmp_path / "cases.csv"
     table.write_text("case,image\nfirst,data/p1_t2w.nii.gz;data/p1_dwi.nii.gz\n")
-    assert ic.load_cases(table)[0]["image"][1] == str(data / "p1_dwi.nii.gz")
+    assert load_cases(table)[0]["image"][1] == str(data / "p1_dwi.nii.gz")
     table.write_text("path\ndata/p1_t2w.nii.gz\n")
-    _expect(table, "needs an 'image' column", ic.load_cases, table)
+    _expect(table, "needs an 'image' column", load_cases, table)
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps([{"image": ["data/p2_t2w.nii.gz", "data/p2_dwi.nii.gz"]}]))
-    assert ic.load_cases(datalist, modality_suffixes=("_t2w",))[0]["case"] == "p2"
+    assert load_cases(datalist, modality_suffixes=("_t2w",))[0]["case"] == "p2"
 
 
 def test_modality_plausibility(tmp_path):

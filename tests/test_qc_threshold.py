@@ -48,8 +48,8 @@ def test_choose_from_batch_inference(ct_data, tmp_path):
     records = [{"image": str(ct_data / r["image"]), "label": str(ct_data / r["label"])} for r in records]
     out = tmp_path / "qc"
     bundle = str(BUNDLES / CT)
-    first = batch_infer.run_batch(bundle, _datalist(tmp_path, records), str(out / "0"), checkpoint=str(model),
-                                  overlay=OVERLAY, split="training", device="cpu", progress=False)
+    options = batch_infer.BatchOptions(str(model), OVERLAY, split="training", device="cpu", progress=False)
+    first = batch_infer.run_batch(bundle, _datalist(tmp_path, records), str(out / "0"), options)
     for i, (record, row) in enumerate(zip(records, first["cases"])):
         seg = out / "0" / row["case"] / row["outputs"]["seg"]
         if i < 2:

@@ -12,31 +12,11 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
+from .case_meta import voxel_spacing
 from .evidential import nig_rescale
 from .networks import field_of_view_scale
-from .transforms import case_name
 
-__all__ = ["ExtractQuantificationd", "SliceQuantInferer", "case_name_formatter"]
-
-
-def case_name_formatter(metadict: Mapping[str, Any], saver: Any) -> dict[str, Any]:
-    """``SaveImaged`` name formatter naming outputs by case (``liver_000``, not ``liver_000_t2w``).
-
-    The case name is :func:`scripts.transforms.case_name` of ``filename_or_obj``, so images and the quantification
-    report land in the same ``<output_dir>/<case>/`` folder.
-    """
-    return {"subject": case_name(metadict.get("filename_or_obj", "")), "idx": metadict.get("patch_index")}
-
-
-def _volume_spacing(inputs: torch.Tensor) -> torch.Tensor:
-    """``[B, 3]`` voxel spacing (mm) from a MetaTensor's affine; ones for a plain tensor."""
-    batch = inputs.shape[0]
-    if not isinstance(inputs, MetaTensor):
-        return torch.ones(batch, 3, dtype=torch.float64)
-    affine = torch.as_tensor(inputs.affine, dtype=torch.float64)
-    if affine.ndim == 2:
-        affine = affine.expand(batch, -1, -1)
-    return torch.linalg.norm(affine[:, :3, :3], dim=1)
+__all__ = ["ExtractQuantificationd", "SliceQuantInferer"]
 
 
 class SliceQuantInferer(Inferer):
@@ -94,7 +74,7 @@ class SliceQuantInferer(Inferer):
             raise ValueError(f"expected [B, C, H, W, D] volumes, got shape {tuple(inputs.shape)}.")
         forward_all = getattr(network, "forward_all", None) or network.module.forward_all
         in_plane = [a for a in range(3) if a != self.spatial_dim]
-        spacing = _volume_spacing(inputs)[:, in_plane]
+        spacing = voxel_spacing(inputs)[:, in_plane]
         data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         alphas, quants = [], []
         for b in range(data.shape[0]):

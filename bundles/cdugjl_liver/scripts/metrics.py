@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from monai.metrics import CumulativeIterationMetric
 
 from .quantification import slice_targets
-from .surface_metrics import case_spacing
+from .case_meta import voxel_spacing
 
 __all__ = [
     "CalibrationErrorMetric",
@@ -61,7 +61,7 @@ class QuantificationErrorMetric(CumulativeIterationMetric):
         """``y_pred`` ``[1, D, 3(, 4)]``, ``y`` ``[1, 1, H, W, D]`` -> ``[1, 1]`` error."""
         pred = y_pred[0].detach().float().cpu()
         pred = pred[..., 0] if pred.ndim == 3 else pred  # NIG gamma
-        spacing = case_spacing(y) or [1.0, 1.0]
+        spacing = voxel_spacing(y)[0].tolist()
         label = y[0, 0].detach().cpu().numpy() > 0
         errors = []
         for k in range(label.shape[-1]):

@@ -1,7 +1,8 @@
 """Surface distances in mm, shared by the bundles of this collection.
 
 MONAI's ``HausdorffDistanceMetric`` and ``SurfaceDistanceMetric`` measure in voxels unless given a ``spacing``, and
-their ignite handlers pass none. The subclasses here read each case's spacing from its ``MetaTensor.pixdim``, so
+their ignite handlers pass none. The subclasses here read each case's spacing from its affine
+(:func:`scripts.case_meta.voxel_spacing`), so
 that they run in MONAI's ``IgniteMetricHandler`` and give millimetres. Each bundle is downloaded alone, so each
 ships this module; the copies are identical (``tests/test_common.py``).
 """
@@ -11,17 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric
 
-__all__ = ["PhysicalHausdorffDistanceMetric", "PhysicalSurfaceDistanceMetric", "case_spacing"]
+from .case_meta import voxel_spacing
 
-
-def case_spacing(y: torch.Tensor) -> list[float] | None:
-    """Voxel spacing (mm) of an unbatched-meta MetaTensor ``[1, C, *spatial]``, ``None`` for a plain tensor."""
-    if not isinstance(y, MetaTensor):
-        return None
-    return [float(s) for s in y.pixdim[: y.ndim - 2]]
+__all__ = ["PhysicalHausdorffDistanceMetric", "PhysicalSurfaceDistanceMetric"]
 
 
 class _UndefinedMeanIsNaN:
@@ -46,7 +41,7 @@ class PhysicalHausdorffDistanceMetric(_UndefinedMeanIsNaN, HausdorffDistanceMetr
     """
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        kwargs.setdefault("spacing", case_spacing(y))
+        kwargs.setdefault("spacing", voxel_spacing(y).tolist())
         value = super()._compute_tensor(y_pred, y, **kwargs)
         return torch.where(torch.isinf(value), torch.full_like(value, float("nan")), value)
 
@@ -58,6 +53,6 @@ class PhysicalSurfaceDistanceMetric(_UndefinedMeanIsNaN, SurfaceDistanceMetric):
     """
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        kwargs.setdefault("spacing", case_spacing(y))
+        kwargs.setdefault("spacing", voxel_spacing(y).tolist())
         value = super()._compute_tensor(y_pred, y, **kwargs)
         return torch.where(torch.isinf(value), torch.full_like(value, float("nan")), value)

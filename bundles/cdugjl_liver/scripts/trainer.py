@@ -20,24 +20,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 
+from .case_meta import voxel_spacing
 from .semi_supervised import RunProgress, SemiSupervisedTrainer, plain
 
-__all__ = ["CdUgJLTrainer", "MultiTaskPrepareBatch", "frozen_norm_statistics", "slice_spacing"]
+__all__ = ["CdUgJLTrainer", "MultiTaskPrepareBatch", "frozen_norm_statistics"]
 
 logger = logging.getLogger(__name__)
-
-
-def slice_spacing(image: torch.Tensor) -> torch.Tensor:
-    """``[B, 2]`` in-plane pixel spacing (mm) of a batch of 2D slices from its MetaTensor affine (ones otherwise)."""
-    if not isinstance(image, MetaTensor):
-        return torch.ones(image.shape[0], 2)
-    affine = torch.as_tensor(image.affine, dtype=torch.float32)
-    if affine.ndim == 2:
-        affine = affine.expand(image.shape[0], -1, -1)
-    return torch.linalg.norm(affine[:, :2, :2], dim=1)
 
 
 class MultiTaskPrepareBatch(PrepareBatch):
@@ -72,7 +62,7 @@ class MultiTaskPrepareBatch(PrepareBatch):
             for k in self.target_keys
             if isinstance(batchdata.get(k), torch.Tensor)
         }
-        targets["spacing"] = slice_spacing(image).to(device=device)
+        targets["spacing"] = voxel_spacing(image).to(device=device, dtype=torch.float32)
         return image.to(device=device, non_blocking=non_blocking, **kwargs), targets
 
 

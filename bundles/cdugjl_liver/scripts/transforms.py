@@ -23,29 +23,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
+from .case_meta import case_name, voxel_spacing
 from .evidential import nig_moments
 from .quantification import quantify_mask, slice_frame_to_world, slice_targets
 
-__all__ = ["QuantificationTargetsd", "SaveQuantificationd", "case_name"]
+__all__ = ["QuantificationTargetsd", "SaveQuantificationd"]
 
 QUANT_NAMES: tuple[str, str, str] = ("centre_x", "centre_y", "area")
 """Order of the three quantification targets / network outputs: centre along array axis 0, axis 1, area."""
-
-
-def case_name(filename: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
-    """Case name of an input file: its base name without ``.nii.gz``/``.nii`` and without a trailing ``_t2w``.
-
-    For a list of files (multi-channel input such as ``[<case>_t2w.nii.gz, <case>_dwi.nii.gz]``) the first file is
-    used, so ``/data/imagesTr/liver_000_t2w.nii.gz`` gives ``liver_000``.
-    """
-    if isinstance(filename, (list, tuple)):
-        filename = filename[0]
-    name = os.path.basename(os.fspath(filename))
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return name[: -len("_t2w")] if name.endswith("_t2w") and len(name) > len("_t2w") else name
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -99,8 +84,7 @@ class QuantificationTargetsd(MapTransform):
             raise ValueError(
                 f"{type(self).__name__}: the label is a {type(label).__name__} without an affine; pass `pixdim`."
             )
-        affine = _to_numpy(label.affine).astype(np.float64)
-        spacing = np.linalg.norm(affine[:-1, :2], axis=0)
+        spacing = voxel_spacing(label.unsqueeze(0), 2)[0]
         return float(spacing[0]), float(spacing[1])
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -134,8 +118,8 @@ class SaveQuantificationd(MapTransform):
       mm and mm^2); optional with ``allow_missing_keys`` (then only mask-derived values are written);
     * ``data[uncertainty_key]`` (optional): voxel uncertainty map ``[1, H, W, D]``, averaged per lesion.
 
-    The case name is :func:`case_name` of ``data[meta_key].meta["filename_or_obj"]`` (the first file for
-    multi-channel inputs; ``.nii.gz``/``.nii`` and a trailing ``_t2w`` are stripped), falling back to
+    The case name is :func:`scripts.case_meta.case_name` of ``data[meta_key].meta["filename_or_obj"]`` with
+    ``modality_suffixes`` (the first file for multi-channel inputs), falling back to
     ``data[f"{meta_key}_meta_dict"]`` and then to ``data["case"]``.
 
     The report (JSON) holds ``case``, ``source``, ``units``, ``geometry`` (spacing, shape, affine), ``slices`` (one
@@ -156,6 +140,7 @@ class SaveQuantificationd(MapTransform):
         threshold: foreground threshold for one-channel predictions.
         min_area_pixels: the network "says tumour" on a slice when its area mean is at least this many pixels.
         connectivity: connectivity of the 3D lesion components (see ``quantify_mask``).
+        modality_suffixes: file-name suffixes of the input channels, stripped from the case name.
         allow_missing_keys: allow a missing ``quant`` entry.
     """
 
@@ -169,6 +154,7 @@ class SaveQuantificationd(MapTransform):
         threshold: float = 0.5,
         min_area_pixels: float = 1.0,
         connectivity: int = 3,
+        modality_suffixes: Sequence[str] = ("_t2w", "_dwi"),
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -181,6 +167,7 @@ class SaveQuantificationd(MapTransform):
         self.threshold = threshold
         self.min_area_pixels = min_area_pixels
         self.connectivity = connectivity
+        self.modality_suffixes = tuple(modality_suffixes)
 
     def _case(self, data: Mapping[Hashable, Any]) -> tuple[str, str]:
         image = data.get(self.meta_key)
@@ -188,7 +175,7 @@ class SaveQuantificationd(MapTransform):
         source = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
         if source:
             source = source[0] if isinstance(source, (list, tuple)) else source
-            return case_name(source), os.fspath(source)
+            return case_name(source, self.modality_suffixes), os.fspath(source)
         if "case" in data:
             return str(data["case"]), ""
         raise KeyError(f"{type(self).__name__}: no file name in '{self.meta_key}' meta data and no 'case' entry.")

@@ -49,7 +49,8 @@ def _data(work: Path) -> dict[str, Path]:
 
     folders = {}
     # every phantom argument that a default change could move is fixed, so that traces stay comparable
-    liver = {"size": 64, "n_slices": 8, "lesion_radius": (0.13, 0.28), "conspicuity": (0.6, 1.7)}
+    liver = {"size": 64, "n_slices": 8, "lesion_radius": (0.13, 0.28), "conspicuity": (0.6, 1.7),
+             "cyst_like_fluid": False}
     ct = {"size": 64, "n_slices": 48, "tumour_radius": (0.2, 0.3)}
     for bundle, generator, kwargs in (("cdugjl_liver", "liver_mri", liver),
                                       ("ceds_mediastinum", "mediastinal_ct", ct)):

@@ -85,8 +85,11 @@ ABLATIONS = {
         "one_pass_batch_norm": {"train#trainer#separate_norm_statistics": False},
     },
     "ceds_mediastinum": {
-        "no_confidence_mask": {"mode": "ceds", "confidence_threshold": 0.0},
+        "no_confidence_mask": {"mode": "ceds", "confidence_kept_fraction": 1.0},
+        "authors_threshold_mask": {"mode": "ceds", "confidence_mask": "threshold", "consistency_normalization": "mean"},
         "no_confidence_retraining": {"mode": "ceds", "confidence_interval": 0},
+        # the authors' student pass: labelled (noised) and unlabelled patches together, sharing batch norm
+        "one_pass_batch_norm": {"mode": "ceds", "train#trainer#separate_norm_statistics": False},
     },
 }
 ABLATION_RATIO = 10

@@ -371,3 +371,47 @@ def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
         teacher = trainer.ema.module
         assert all(torch.equal(t, s) for t, s in zip(teacher.confidence_parameters(), net.confidence_parameters()))
         assert moved(teacher.segmentation_parameters(), net.segmentation_parameters())  # averaged
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_student_sees_labelled_patches_as_in_supervised_training(trainer_mod, losses, networks, separate):
+    """After the warm-up the student's labelled pass is the supervised one (clean input, batch statistics and running
+    statistics of the labelled patches alone), the noised unlabelled patches leave the running statistics alone,
+    and the teacher and the consistency see the unlabelled patches only; the authors' single pass
+    (``separate_norm_statistics=False``) noises both and mixes their statistics."""
+    trainer, net = _make_trainer(trainer_mod, losses, networks, separate_norm_statistics=separate)
+    net.train()
+    for m in net.modules():  # no dropout: two passes over the same input give the same output
+        if isinstance(m, torch.nn.Dropout3d | torch.nn.Dropout):
+            m.p = 0.0
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    image = torch.rand(2, 1, 16, 16, 16)
+    unlabelled = {"image": torch.rand(2, 1, 16, 16, 16) + 2.0}  # other statistics than the labelled patches
+    semi = _progress(10, 10)
+    assert trainer.schedule.phase(semi) != "warmup"
+
+    def running():
+        return [m.running_mean.clone() for m in norms]
+
+    start = running()
+    labelled, unlabelled_out = trainer.run_student(image, unlabelled, semi)
+    after_student = running()
+    for m, mean in zip(norms, start):
+        m.running_mean.copy_(mean)
+    reference = trainer.inferer(image, net)  # what a supervised iteration computes
+    supervised = running()
+    teacher = trainer.run_teacher(image, None, unlabelled, semi)
+    if separate:
+        assert torch.equal(labelled[0], reference[0]) and torch.equal(labelled[1], reference[1])
+        assert all(torch.equal(a, b) for a, b in zip(after_student, supervised))
+        assert teacher["seg"].shape[0] == unlabelled_out[0].shape[0] == 2
+    else:
+        assert not torch.allclose(labelled[0], reference[0])
+        assert not all(torch.equal(a, b) for a, b in zip(after_student, supervised))
+        assert teacher["seg"].shape[0] == 4
+    label = (image > 0.6).long()
+    terms = trainer.loss_function(labelled, label, unlabelled_out, teacher, semi)
+    # the consistency is the masked loss over exactly the rows the teacher saw
+    student = unlabelled_out[0] if separate else torch.cat([labelled[0], unlabelled_out[0]])
+    expected = trainer.loss_function.consistency_loss(student, teacher["seg"], teacher["confidence"])
+    assert torch.allclose(terms["loss_consistency"], expected)

@@ -20,17 +20,21 @@ validation, logging) is attached by ignite events. ``progress`` is a :class:`Run
 a fraction of the run's iterations, never a number of epochs.
 
 :class:`GradientShareHandler` measures what each loss term contributes to the student's gradient, so that a term
-too small to act (or one that drowns the supervised loss) shows in the training log.
+too small to act (or one that drowns the supervised loss) shows in the training log. :func:`frozen_norm_statistics`
+lets a student pass over unlabelled (strongly perturbed) inputs leave the batch-norm running statistics to the
+labelled inputs, as in supervised training, so that the baselines share one batch-norm regime.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn as nn
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -38,7 +42,21 @@ from monai.utils import CommonKeys as Keys
 
 from .mean_teacher import UnlabeledStream
 
-__all__ = ["GradientShareHandler", "RunProgress", "SemiSupervisedTrainer", "plain"]
+__all__ = ["GradientShareHandler", "RunProgress", "SemiSupervisedTrainer", "frozen_norm_statistics", "plain"]
+
+
+@contextmanager
+def frozen_norm_statistics(network: nn.Module) -> Iterator[None]:
+    """Within the context, batch-norm layers of ``network`` in train mode normalise with the batch statistics but
+    leave their running statistics (and ``num_batches_tracked``) unchanged."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ supervised training.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,9 +22,9 @@ import torch.nn as nn
 from monai.engines.utils import PrepareBatch
 
 from .case_meta import voxel_spacing
-from .semi_supervised import RunProgress, SemiSupervisedTrainer, plain
+from .semi_supervised import RunProgress, SemiSupervisedTrainer, frozen_norm_statistics, plain
 
-__all__ = ["CdUgJLTrainer", "MultiTaskPrepareBatch", "frozen_norm_statistics"]
+__all__ = ["CdUgJLTrainer", "MultiTaskPrepareBatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +64,6 @@ class MultiTaskPrepareBatch(PrepareBatch):
         targets["spacing"] = voxel_spacing(image).to(device=device, dtype=torch.float32)
         return image.to(device=device, non_blocking=non_blocking, **kwargs), targets
 
-
-
-@contextmanager
-def frozen_norm_statistics(network: nn.Module) -> Iterator[None]:
-    """Within the context, batch-norm layers of ``network`` in train mode normalise with the batch statistics but
-    leave their running statistics (and ``num_batches_tracked``) unchanged."""
-    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
 
 
 class CdUgJLTrainer(SemiSupervisedTrainer):

@@ -166,7 +166,7 @@ class CEDSLoss(nn.Module):
 
     - ``warmup``: ``seg_loss(seg, label) + confidence_loss(confidence, seg, label)``;
     - ``semi``: ``seg_loss(seg, label) + w(t) * consistency_loss(student, teacher, teacher confidence)`` over the
-      labelled and unlabelled patches, with ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup)``
+      patches the teacher saw (the unlabelled ones; the labelled ones first when it saw them too), with ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup)``
       (``t``: the fraction of the run done); the teacher's confidence masks the consistency in ``"ceds"`` mode only;
     - ``confidence``: the ``semi`` loss ``+ confidence_loss(confidence, seg, label)``.
 
@@ -215,8 +215,9 @@ class CEDSLoss(nn.Module):
             outputs: the student's ``(seg_logits, confidence_logits)`` on the labelled patches.
             targets: the labels ``[n_l, 1, *spatial]``.
             unlabelled_outputs: the student's outputs on the unlabelled patches (``semi`` phase), or ``None``.
-            teacher: :meth:`scripts.trainer.CEDSTrainer.run_teacher`'s dict on the labelled and unlabelled patches
-                (``semi`` phase), or ``None``.
+            teacher: :meth:`scripts.trainer.CEDSTrainer.run_teacher`'s dict on the unlabelled patches (preceded
+                by the labelled ones when it has more rows than ``unlabelled_outputs``) in the ``semi`` phase, or
+                ``None``.
             progress: the iteration's place in the run.
 
         Returns:
@@ -233,7 +234,9 @@ class CEDSLoss(nn.Module):
             loss_confidence = self.confidence_loss(confidence, seg, targets)
             loss = loss_seg + loss_confidence
         else:
-            student = seg if unlabelled_outputs is None else torch.cat([seg, unlabelled_outputs[0]])
+            student = seg if unlabelled_outputs is None else unlabelled_outputs[0]
+            if teacher["seg"].shape[0] > student.shape[0]:  # type: ignore[index]  (the authors' regime)
+                student = torch.cat([seg, student])
             mask_logits = teacher["confidence"] if self.schedule.mode == "ceds" else None  # type: ignore[index]
             loss_consistency = self.consistency_loss(student, teacher["seg"], mask_logits)  # type: ignore[index]
             weight = self.consistency_weight * sigmoid_rampup(progress.fraction, self.consistency_rampup)

@@ -9,11 +9,16 @@ of epochs, so the phases do not move with the length of an epoch (label ratio, `
 - ``warmup`` (the first ``warmup`` of the run, and every iteration in ``"supervised"`` mode): labelled patches
   only, no noise; segmentation loss (DiceCE) on the encoder and segmentation decoder, class-balanced confidence loss
   on the confidence branch.
-- ``semi`` (after the warm-up, outside the re-training windows): mean teacher. The batch is the labelled patches
-  followed by unlabelled patches; the student sees strongly noised input, the EMA teacher weakly noised input;
-  loss = DiceCE on the labelled part + ``w(t) * consistency`` over the whole batch, where the consistency is masked
-  by the teacher's confidence (``"ceds"``) or not (``"mean_teacher"``); the EMA teacher is updated after the step
-  (:class:`scripts.mean_teacher.EMAUpdateHandler` when :meth:`CEDSTrainer.updates_teacher`).
+- ``semi`` (after the warm-up, outside the re-training windows): mean teacher. The student sees the labelled
+  patches as in supervised training (clean, their own batch statistics) and, in a second pass, strongly noised
+  unlabelled patches that leave the batch-norm running statistics alone
+  (:func:`scripts.semi_supervised.frozen_norm_statistics`); the EMA teacher sees the unlabelled patches weakly
+  noised; loss = DiceCE on the labelled patches + ``w(t) * consistency`` over the unlabelled patches, where the
+  consistency is masked by the teacher's confidence (``"ceds"``) or not (``"mean_teacher"``); the EMA teacher is
+  updated after the step (:class:`scripts.mean_teacher.EMAUpdateHandler` when :meth:`CEDSTrainer.updates_teacher`).
+  So a method differs from supervised training only by what it learns from unlabelled data: the same labelled
+  inputs, the same batch-norm regime, the same segmentation updates. The authors ran one noised pass over labelled
+  and unlabelled patches together and the consistency over both (``separate_norm_statistics=False``).
 - ``confidence`` (periodic windows after the warm-up; ``"ceds"`` mode only): the ``semi`` step, plus the
   class-balanced confidence loss on the labelled patches, so that the confidence branch is re-trained on the
   current segmentation while the segmentation training goes on: every method gets the same number of
@@ -37,7 +42,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
 from .mean_teacher import UnlabeledStream
-from .semi_supervised import RunProgress, SemiSupervisedTrainer
+from .semi_supervised import RunProgress, SemiSupervisedTrainer, frozen_norm_statistics
 
 __all__ = ["MODES", "CEDSSchedule", "CEDSTrainer", "add_clipped_noise", "cosine_lr_lambda"]
 
@@ -148,8 +153,11 @@ class CEDSTrainer(SemiSupervisedTrainer):
             semi-supervised ``schedule`` needs it.
         teacher_train_mode: run the teacher in training mode (dropout and batch statistics on, as the authors) or
             in eval mode.
-        student_noise: ``(std, clip)`` of the student's input noise after the warm-up.
-        teacher_noise: ``(std, clip)`` of the teacher's input noise.
+        student_noise: ``(std, clip)`` of the noise on the student's unlabelled input.
+        teacher_noise: ``(std, clip)`` of the noise on the teacher's input.
+        separate_norm_statistics: the student's labelled and unlabelled passes as described in the module docstring
+            (default); ``False``: the authors' single pass over the noised labelled and unlabelled patches (their
+            batch statistics shared), with the teacher and the consistency on both.
         kwargs: other arguments of ``monai.engines.SupervisedTrainer`` (``train_handlers``, ``epoch_length``, ...).
 
     Raises:
@@ -170,6 +178,7 @@ class CEDSTrainer(SemiSupervisedTrainer):
         teacher_train_mode: bool = True,
         student_noise: Sequence[float] = (0.2, 0.4),
         teacher_noise: Sequence[float] = (0.05, 0.1),
+        separate_norm_statistics: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function, unlabeled, **kwargs)
@@ -180,6 +189,7 @@ class CEDSTrainer(SemiSupervisedTrainer):
         self.teacher_train_mode = teacher_train_mode
         self.student_noise = tuple(student_noise)
         self.teacher_noise = tuple(teacher_noise)
+        self.separate_norm_statistics = separate_norm_statistics
 
     def updates_teacher(self) -> bool:
         """Whether the EMA teacher follows the student after the current iteration: after the warm-up."""
@@ -196,17 +206,18 @@ class CEDSTrainer(SemiSupervisedTrainer):
         unlabelled: Mapping[str, torch.Tensor] | None,
         progress: RunProgress,
     ) -> dict[str, torch.Tensor] | None:
-        """The EMA teacher on the weakly noised labelled and unlabelled patches (after the warm-up; called without
-        gradients).
+        """The EMA teacher on the weakly noised unlabelled patches (and, with ``separate_norm_statistics=False``, the
+        labelled ones first) after the warm-up; called without gradients.
 
         Returns:
-            ``{"seg": [n_l + n_u, C, *spatial] logits, "confidence": [n_l + n_u, 2, *spatial] logits}``, or ``None``
-            without an unlabelled batch.
+            ``{"seg": [n, C, *spatial] logits, "confidence": [n, 2, *spatial] logits}``, or ``None`` without an
+            unlabelled batch.
         """
         if unlabelled is None:
             return None
         self.ema.train(self.teacher_train_mode)  # type: ignore[union-attr]
-        teacher_input = add_clipped_noise(torch.cat([inputs, unlabelled["image"]]), *self.teacher_noise)
+        patches = unlabelled["image"] if self.separate_norm_statistics else torch.cat([inputs, unlabelled["image"]])
+        teacher_input = add_clipped_noise(patches, *self.teacher_noise)
         seg, confidence = self.ema.module.forward_with_confidence(teacher_input)  # type: ignore[union-attr]
         return {"seg": seg, "confidence": confidence}
 
@@ -216,16 +227,20 @@ class CEDSTrainer(SemiSupervisedTrainer):
         """The student's ``(seg_logits, confidence_logits)`` (through the trainer's ``inferer``) on the labelled and
         on the unlabelled patches.
 
-        Clean labelled patches in the warm-up; after it the student's input noise and one pass over the labelled and
-        unlabelled patches together (shared batch statistics, as the authors).
+        The clean labelled patches, as in supervised training; after the warm-up, the noised unlabelled patches in a
+        second pass that leaves the batch-norm running statistics alone. With ``separate_norm_statistics=False``,
+        after the warm-up one pass over the noised labelled and unlabelled patches (shared batch statistics).
 
         Returns:
             ``(labelled outputs, unlabelled outputs or None)``.
         """
-        if self.schedule.phase(progress) == "warmup":
+        if self.schedule.phase(progress) == "warmup" or unlabelled is None:
             return self.inferer(inputs, self.network), None
-        if unlabelled is None:
-            return self.inferer(add_clipped_noise(inputs, *self.student_noise), self.network), None
+        if self.separate_norm_statistics:
+            labelled = self.inferer(inputs, self.network)
+            with frozen_norm_statistics(self.network):
+                noised = add_clipped_noise(unlabelled["image"], *self.student_noise)
+                return labelled, self.inferer(noised, self.network)
         n = inputs.shape[0]
         both = torch.cat([inputs, unlabelled["image"]])
         seg, confidence = self.inferer(add_clipped_noise(both, *self.student_noise), self.network)

@@ -76,10 +76,9 @@ def use_bundle(bundle: str | Path) -> Path:
     root = _root(bundle)
     loaded = sys.modules.get("scripts")
     if loaded is not None and Path(loaded.__file__ or "").resolve().parent != root / "scripts":
-        previous = str(Path(loaded.__file__ or "").resolve().parents[1])
         for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
             del sys.modules[name]
-        sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != previous]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    # no other folder with a `scripts` package (another bundle, e.g. inherited by a spawned process) before it
+    sys.path[:] = [p for p in sys.path if not p or not (Path(p) / "scripts" / "__init__.py").is_file()]
+    sys.path.insert(0, str(root))
     return root

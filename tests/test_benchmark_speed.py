@@ -12,6 +12,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 import benchmark_speed as bench
+import speed_inference
 
 ENVIRONMENT_KEYS = {
     "date_utc", "python", "torch", "monai", "platform", "cpu", "cpu_count", "torch_threads", "load_average", "cuda",
@@ -70,7 +71,7 @@ def test_window_timer_serves_and_extrapolates():
         out = inferer(x, partial)
     assert len(partial.forward_s) == 1 and len(partial.served_s) == 1
     assert out.shape == expected.shape
-    assert bench._take({"a": torch.zeros(4, 2), "b": [torch.zeros(4)]}, 3)["b"][0].shape == (3,)
+    assert speed_inference._take({"a": torch.zeros(4, 2), "b": [torch.zeros(4)]}, 3)["b"][0].shape == (3,)
 
 
 def test_scan_writes_json_with_schema(tmp_path):

@@ -112,3 +112,11 @@ def test_trial_changes_the_phantom_and_never_reads_the_test_split(tmp_path):
     assert "metrics" not in record and "evaluate" not in record["commands"]
     assert not (folder / "cdugjl_liver" / "trial" / "r100_supervised_s0" / "test").exists()
     assert "bright cdugjl_liver r100_supervised_s0: validation Dice" in proc.stdout
+    # another training setting of the same trial: its own record, the same data (not generated again)
+    data_stamp = (folder / "data" / "cdugjl_liver" / "dataset.json").stat().st_mtime_ns
+    run_cmd([*cmd[:-4], "--variant", "one_epoch", "--train", "{'epochs': 1}", "--work_dir", str(tmp_path)],
+            cwd=tmp_path, timeout=600, env=ENV)
+    other = json.loads((folder / "cdugjl_liver" / "one_epoch" / "r100_supervised_s0.json").read_text())
+    assert [i for i, _ in other["validation"]] == [2] and other["profile_settings"]["train"]["epochs"] == 1
+    assert json.loads((folder / "cdugjl_liver" / "trial" / "r100_supervised_s0.json").read_text()) == record
+    assert (folder / "data" / "cdugjl_liver" / "dataset.json").stat().st_mtime_ns == data_stamp

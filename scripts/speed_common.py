@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from bundle_imports import use_bundle
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = "docs/benchmarks/results/speed"
 
 

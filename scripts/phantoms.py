@@ -360,7 +360,9 @@ def liver_case(
 
     Returns:
         dict with ``images`` {sequence: float32 [size, size, n_slices]}, ``label`` (uint8 0/1), ``organs`` (uint8),
-        ``affine`` (4x4), ``dwi_shift`` (in-plane voxels) and ``lesions`` (list of lesion types).
+        ``affine`` (4x4), ``dwi_shift`` (in-plane voxels), ``lesions`` (list of lesion types) and ``lesion_masks``
+        (list of bool [size, size, n_slices], one per entry of ``lesions``, same order; lesions may overlap, their
+        union is ``label``; not written to disk, for per-lesion analyses such as ``scripts/liver_errors.py``).
     """
     rng = case_rng(seed, index, 1)
     shape = (size, size, n_slices)
@@ -422,7 +424,8 @@ def liver_case(
         real = clean + rng.normal(0.0, sd, shape).astype(np.float32)
         imag = rng.normal(0.0, sd, shape).astype(np.float32)
         images[name] = np.round(1000.0 * np.sqrt(real**2 + imag**2)).astype(np.float32)  # integer-valued, as scanners
-    return {"images": images, "label": label, "organs": organs, "affine": affine, "dwi_shift": shift, "lesions": kinds}
+    return {"images": images, "label": label, "organs": organs, "affine": affine, "dwi_shift": shift, "lesions": kinds,
+            "lesion_masks": [mask for mask, _ in lesion_voxels]}
 
 
 def _lesion_count_probs(max_lesions: int) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""``scripts/liver_errors.py``: counts that add up, per-lesion detection of all-tumour / all-background models, and
+the lesion masks of the liver phantom it relies on."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import liver_errors
+import phantoms
+from conftest import REPO, bundle_module, run_cmd
+
+CHANNELS = [8, 16, 32, 64, 128]  # configs/cpu_demo.json, the script's default overlay
+
+
+def _constant_model(path, tumour: bool, in_channels: int = 2, wrapped: bool = False):
+    """A MEAMT-Net whose segmentation head ignores its input: tumour (or background) wins everywhere."""
+    net = bundle_module("cdugjl_liver", "networks").MEAMTNet(in_channels=in_channels, channels=CHANNELS)
+    state = net.state_dict()
+    state["seg_head.weight"].zero_()
+    state["seg_head.bias"].copy_(torch.tensor([-10.0, 10.0] if tumour else [10.0, -10.0]))
+    torch.save({"model": state} if wrapped else state, path)  # wrapped: as train.json's checkpoint.pt
+    return path
+
+
+def _run(tmp_path, ckpt, liver_data, *extra):
+    out = tmp_path / f"{ckpt.stem}.json"
+    proc = run_cmd([sys.executable, str(REPO / "scripts" / "liver_errors.py"), "--checkpoint", str(ckpt),
+                    "--datalist", str(liver_data / "datalist_100.json"), "--out", str(out), *extra],
+                   cwd=tmp_path, timeout=300)
+    assert "mean case Dice" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def _check_pooled(result):
+    cases, pooled = result["cases"], result["pooled"]
+    for key in ("tp", "fp", "fn", "label_voxels", "fp_air"):
+        assert pooled[key] == sum(c[key] for c in cases)
+    assert pooled["fp_by_organ"] == {k: sum(c["fp_by_organ"][k] for c in cases) for k in pooled["fp_by_organ"]}
+    assert abs(pooled["mean_case_dice"] - np.mean([c["dice"] for c in cases])) < 1e-9
+    lesions = [s for c in cases for s in c["lesions"] if s["voxels"]]
+    assert lesions, "the tiny phantom's validation cases hold no lesion"
+    for kind, row in pooled["lesions_by_type"].items():
+        mine = [s for s in lesions if s["type"] == kind]
+        assert row["count"] == len(mine) and row["voxels"] == sum(s["voxels"] for s in mine)
+        if mine:
+            assert abs(row["mean_fraction_detected"] - np.mean([s["fraction_detected"] for s in mine])) < 1e-9
+    assert sum(row["count"] for row in pooled["lesions_by_type"].values()) == len(lesions)
+    for c in cases:
+        assert sum(c["fp_by_organ"].values()) == c["fp"]
+        assert 0 <= c["fp_air"] <= c["fp_by_organ"]["background"] <= c["fp"]
+        assert c["label_voxels"] == c["tp"] + c["fn"]
+    return lesions
+
+
+def test_all_tumour_model_misses_nothing(tmp_path, liver_data):
+    result = _run(tmp_path, _constant_model(tmp_path / "all_tumour.pt", tumour=True), liver_data)
+    assert result["cases"] and result["split"] == "validation" and result["padding_mode"] == "replicate"
+    lesions = _check_pooled(result)
+    for case in result["cases"]:
+        assert case["fn"] == 0 and case["tp"] == case["label_voxels"]
+        assert case["fp"] > 0 and case["fp_air"] == case["air_voxels"] > 0  # all air is a false positive
+    assert all(s["fraction_detected"] == 1.0 and s["detected"] == s["voxels"] for s in lesions)
+    pooled = result["pooled"]
+    assert pooled["fn"] == 0 and 0 < pooled["fp_air"] <= pooled["fp"]
+    assert all(row["mean_fraction_detected"] == 1.0 for row in pooled["lesions_by_type"].values() if row["count"])
+
+
+def test_all_background_teacher_detects_nothing(tmp_path, liver_data):
+    ckpt = _constant_model(tmp_path / "all_background.pt", tumour=False, in_channels=3, wrapped=True)
+    result = _run(tmp_path, ckpt, liver_data, "--teacher", "True", "--padding_mode", "constant")
+    assert result["teacher"] and result["input_key"] == "ce" and result["padding_mode"] == "constant"
+    lesions = _check_pooled(result)
+    assert all(s["fraction_detected"] == 0.0 and s["dice"] == 0.0 for s in lesions)
+    pooled = result["pooled"]
+    assert pooled["tp"] == pooled["fp"] == pooled["fp_air"] == 0 and pooled["fn"] == pooled["label_voxels"] > 0
+    assert all(row["mean_fraction_detected"] == 0.0 for row in pooled["lesions_by_type"].values() if row["count"])
+
+
+def test_lesion_masks_make_the_label():
+    seen = 0
+    for index in range(6):
+        case = phantoms.liver_case(index, seed=0, size=64, n_slices=8)
+        masks = case["lesion_masks"]
+        assert len(masks) == len(case["lesions"])
+        union = np.zeros(case["label"].shape, bool)
+        for mask in masks:
+            assert mask.dtype == bool and mask.shape == case["label"].shape and mask.any()
+            union |= mask
+        np.testing.assert_array_equal(union, case["label"] > 0)
+        seen += len(masks)
+    assert seen > 0
+
+
+def test_regeneration_must_match_the_label_file(liver_data):
+    generator = json.loads((liver_data / "dataset.json").read_text())["generator"]
+    labels = sorted((liver_data / "labelsTr").glob("liver_*.nii.gz"))
+    path = next(p for p in labels if np.asanyarray(nib.load(p).dataobj).any())  # a case with lesions
+    record = {"case": path.name.split(".")[0], "label": str(path)}
+    assert liver_errors.regenerate(record, generator)["lesion_masks"] is not None
+    with pytest.raises(ValueError, match="does not reproduce"):
+        liver_errors.regenerate(record, {**generator, "seed": generator["seed"] + 1})
+    with pytest.raises(ValueError, match="not liver_NNN"):
+        liver_errors.regenerate({**record, "case": "patient_7"}, generator)

@@ -424,23 +424,35 @@ def teachers(
     results_dir: str = str(RESULTS_DIR),
     work_dir: str = str(WORK_DIR),
     threads: int = 1,
+    name: str | None = None,
+    phantom: dict | None = None,
+    split: dict | None = None,
+    variant: str = "trial",
 ) -> None:
     """Train (or reuse) the liver's contrast-enhanced teachers and compare them with the supervised students.
 
     Prints, per label ratio and seed, the final validation Dice of the teacher (CE phases, the labelled subset) and
     of the supervised non-contrast student of the same subset (its result file, if it is finished): the teacher
-    must be the better of the two for the distillation to carry anything.
+    must be the better of the two for the distillation to carry anything. With ``name``, the teachers are trained
+    on the data of that :func:`trial` (``phantom`` and ``split`` as given to it) and compared with its supervised
+    runs of ``variant``.
     """
-    bench = Benchmark(profile, Path(results_dir), Path(work_dir), threads)
+    bench, suite = Benchmark(profile, Path(results_dir), Path(work_dir), threads), "accuracy"
+    if name is not None:
+        base = PROFILES[profile]["cdugjl_liver"]
+        settings = replace(base, data={**base.data, **(phantom or {})}, split={**base.split, **(split or {})})
+        folder = Path(work_dir) / "trials" / name
+        bench, suite = Benchmark(profile, folder, folder, threads, {"cdugjl_liver": settings}), variant
     bench.data_dir("cdugjl_liver")
     print("ratio  seed  teacher (CE)  supervised student (T2WI + DWI)   final validation Dice")
     for ratio in ratios:
         for seed in seeds:
             ckpt, _, _ = bench.teacher(ratio, seed)
             teacher = json.loads((ckpt.parents[2] / "done.json").read_text())["validation"]
-            student = bench.result_path(Run("cdugjl_liver", "accuracy", ratio, "supervised", seed, {}))
+            student = bench.result_path(Run("cdugjl_liver", suite, ratio, "supervised", seed, {}))
             curve = json.loads(student.read_text()).get("validation") if student.exists() else None
-            print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}")
+            print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}",
+                  flush=True)
 
 
 def trial(

@@ -16,7 +16,8 @@ segmented, and compared voxel by voxel with its label:
   first smoothed by an in-plane median filter of ``air_filter`` pixels (3 by default: the Rician noise of the
   phantom's air otherwise lifts about a fifth of the air voxels above the threshold; ``air_filter=1`` thresholds
   the raw T2WI), and only voxels that are ``background`` in the organ map count as air, so ``fp_air`` is part of
-  ``fp_by_organ["background"]``;
+  ``fp_by_organ["background"]``; and, for phantoms with ``max_mimics``, in the benign T2WI-bright foci
+  (``fp_mimic``, of ``mimic_voxels``);
 - each lesion is scored separately: the phantom generator is run again for the case (``phantoms.liver_case`` with
   the index of the case name ``liver_NNN`` and the ``generator`` entry, seed and keyword arguments, of the
   ``dataset.json`` in the datalist's folder; the regenerated label must equal the label file, or the script stops),
@@ -188,12 +189,13 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     normalise = NormalizeIntensityd(input_key, channel_wise=True)
 
     cases = []
-    pooled = {"tp": 0, "fp": 0, "fn": 0, "label_voxels": 0, "fp_air": 0}
+    pooled = {"tp": 0, "fp": 0, "fn": 0, "label_voxels": 0, "fp_air": 0, "fp_mimic": 0, "mimic_voxels": 0}
     for record in load_datalist(datalist, split):
         case = record.get("case", Path(str(record["label"])).name)
         generated = regenerate(record, generator)
         data = load({k: record[k] for k in file_keys})
-        masks = np.stack([generated["label"] > 0, *generated["lesion_masks"]]).astype(np.uint8)
+        mimics = np.any([generated["label"] < 0, *generated["mimic_masks"]], axis=0)  # benign T2WI-bright foci
+        masks = np.stack([generated["label"] > 0, mimics, *generated["lesion_masks"]]).astype(np.uint8)
         data["lesions"] = MetaTensor(torch.from_numpy(masks), meta=dict(data["label"].meta))
         data = spatial(data)
         t2w = data["image"][0].numpy().copy()  # raw (resampled) T2WI, before the input's normalisation
@@ -213,7 +215,8 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
             "tp": tp, "fp": fp, "fn": fn,
             "fp_by_organ": {name: int((false_pos & (organs == i)).sum()) for i, name in ORGANS.items()},
             "fp_air": int((false_pos & air).sum()), "air_voxels": int(air.sum()),
-            "lesions": lesion_scores(pred, lesions[1:], generated["lesions"]),
+            "fp_mimic": int((false_pos & lesions[1]).sum()), "mimic_voxels": int(lesions[1].sum()),
+            "lesions": lesion_scores(pred, lesions[2:], generated["lesions"]),
         }
         cases.append(c)
         for k in pooled:
@@ -221,7 +224,8 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
         found = ", ".join(f"{s['type']} {s['fraction_detected']:.2f}" if s["voxels"] else f"{s['type']} -"
                           for s in c["lesions"]) or "no lesion"
         print(f"{case}: Dice {c['dice']:.3f}, tumour {c['label_voxels']} voxels, missed {fn}, false positive {fp} "
-              f"({', '.join(f'{k} {v}' for k, v in c['fp_by_organ'].items() if v)}; air {c['fp_air']}); "
+              f"({', '.join(f'{k} {v}' for k, v in c['fp_by_organ'].items() if v)}; air {c['fp_air']}; "
+              f"mimics {c['fp_mimic']} of {c['mimic_voxels']}); "
               f"detected: {found}", flush=True)
 
     pooled["dice"] = 2 * pooled["tp"] / max(2 * pooled["tp"] + pooled["fp"] + pooled["fn"], 1)
@@ -239,7 +243,8 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     pooled["lesions_by_type"] = by_type
     print(f"mean case Dice {pooled['mean_case_dice'] or 0:.3f}; pooled: Dice {pooled['dice']:.3f}, missed "
           f"{pooled['fn']}, false positive {pooled['fp']} voxels "
-          f"({', '.join(f'{k} {v}' for k, v in pooled['fp_by_organ'].items() if v)}; air {pooled['fp_air']})")
+          f"({', '.join(f'{k} {v}' for k, v in pooled['fp_by_organ'].items() if v)}; air {pooled['fp_air']}; "
+          f"mimics {pooled['fp_mimic']} of {pooled['mimic_voxels']})")
     print("lesions detected (mean fraction / mean lesion Dice, count): " + ", ".join(
         f"{k} {v['mean_fraction_detected']:.3f} / {v['mean_dice']:.3f} ({v['count']})" if v["count"] else f"{k} - (0)"
         for k, v in by_type.items()))

@@ -48,7 +48,10 @@ CT_ORGANS = {
     "5": "airway",
     "6": "mediastinum",
 }
-LESION_TYPES = ("hcc", "metastasis", "haemangioma", "cyst")
+LESION_TYPES = ("hcc", "metastasis", "haemangioma", "cyst", "t2_dark", "dwi_only")
+# relative frequency of each type; a case draws its lesions' types among ``lesion_types`` with these weights
+LESION_WEIGHTS = {"hcc": 0.35, "metastasis": 0.35, "haemangioma": 0.15, "cyst": 0.15, "t2_dark": 0.15,
+                  "dwi_only": 0.15}
 
 Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -330,6 +333,12 @@ def _lesion_signal(
     elif kind == "cyst":  # very bright T2, dark at high b-value, no enhancement
         t2, dwi = 1.0 + 4.0 * t2_contrast, 1.0 - 0.6 * dwi_contrast
         ce = [np.full(n, 0.06), np.full(n, 0.06), np.full(n, 0.07)]
+    elif kind == "t2_dark":  # fibrous / siderotic: darker than the liver in T2, bright at high b-value
+        t2, dwi = 1.0 - 0.8 * t2_contrast, 1.0 + dwi_contrast
+        ce = [np.full(n, 0.70 + 0.05 * spots), np.full(n, 0.40), np.full(n, 0.30)]
+    elif kind == "dwi_only":  # small-metastasis-like: isointense in T2, seen by restricted diffusion only
+        t2, dwi = 1.0, 1.0 + 1.3 * dwi_contrast
+        ce = [np.full(n, 0.24), np.where(rim, 0.45, 0.32), np.full(n, 0.30)]
     else:
         raise ValueError(f"unknown lesion type {kind!r}")
     out[0] = liver[0] * t2
@@ -355,6 +364,8 @@ def liver_case(
     noise: float = 1.0,
     misregistration: float = 1.5,
     cyst_like_fluid: bool = True,
+    max_mimics: int = 0,
+    lesion_types: Sequence[str] = LESION_TYPES[:4],
 ) -> dict:
     """Generate one liver-MRI case in memory (see :func:`liver_mri` for the arguments).
 
@@ -381,7 +392,8 @@ def liver_case(
     kinds: list[str] = []
     factors: list[float] = []
     for _ in range(n_lesions):
-        kind = str(rng.choice(LESION_TYPES, p=(0.35, 0.35, 0.15, 0.15)))
+        weights = np.array([LESION_WEIGHTS[t] for t in lesion_types])
+        kind = str(rng.choice(list(lesion_types), p=weights / weights.sum()))
         factor = _uniform(rng, conspicuity)
         r = _uniform(rng, lesion_radius)
         radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
@@ -400,6 +412,8 @@ def liver_case(
         lesion_voxels.append((mask, rho[mask]))
         kinds.append(kind)
         factors.append(factor)
+    mimics = _mimics(case_rng(seed, index, 2), grid, liver_core & ~ndimage.binary_dilation(label > 0, iterations=2),
+                     max_mimics, lesion_radius, conspicuity, size)
 
     # clean signals per sequence: tissue lookup, parenchymal texture, lesions, partial-volume blur
     texture = smooth_noise(rng, shape, (3.0, 3.0, 1.0))
@@ -410,6 +424,8 @@ def liver_case(
             sig = _lesion_signal(kind, rho_in, spots[mask], f * t2_contrast, f * dwi_contrast, ce_contrast,
                                  cyst_like_fluid)[s]
             img[mask] = sig * (1.0 + 0.04 * texture[mask])
+        for mask, f in mimics:  # T2WI like an HCC, iso to the liver in DWI and in every CE phase
+            img[mask] = _MR_SIGNAL["liver"][s] * (1.0 + (f * t2_contrast if s == 0 else 0.0)) * (1.0 + 0.04 * texture[mask])
         images[name] = ndimage.gaussian_filter(img, (0.6, 0.6, 0.3))
 
     # DWI: lower resolution and a slight in-plane misregistration (the label follows T2WI / CE)
@@ -425,7 +441,42 @@ def liver_case(
         imag = rng.normal(0.0, sd, shape).astype(np.float32)
         images[name] = np.round(1000.0 * np.sqrt(real**2 + imag**2)).astype(np.float32)  # integer-valued, as scanners
     return {"images": images, "label": label, "organs": organs, "affine": affine, "dwi_shift": shift, "lesions": kinds,
-            "lesion_masks": [mask for mask, _ in lesion_voxels]}
+            "lesion_masks": [mask for mask, _ in lesion_voxels], "mimic_masks": [mask for mask, _ in mimics]}
+
+
+def _mimics(
+    rng: np.random.Generator,
+    grid: Grid,
+    allowed: np.ndarray,
+    max_mimics: int,
+    lesion_radius: Sequence[float],
+    conspicuity: Sequence[float],
+    size: int,
+) -> list[tuple[np.ndarray, float]]:
+    """0 to ``max_mimics`` (uniform) benign T2WI-bright foci inside ``allowed`` (the liver away from the lesions):
+    irregular blobs of the lesions' sizes, each with a T2WI conspicuity factor drawn as a lesion's. They are not
+    tumour (label 0). Drawn from their own random stream, so that ``max_mimics=0`` leaves the case unchanged.
+
+    Returns:
+        ``[(mask, conspicuity factor), ...]``.
+    """
+    out: list[tuple[np.ndarray, float]] = []
+    for _ in range(int(rng.integers(max_mimics + 1)) if max_mimics > 0 else 0):
+        factor = _uniform(rng, conspicuity)
+        r = _uniform(rng, lesion_radius)
+        radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
+        depth = max(1, int(r * size / 4))
+        centre_region = ndimage.binary_erosion(allowed, np.ones((3, 3, 1), bool), iterations=depth)
+        candidates = np.argwhere(centre_region)
+        if len(candidates) == 0:
+            break
+        centre_vox = candidates[rng.integers(len(candidates))]
+        centre = [float(grid[a].reshape(-1)[centre_vox[a]]) for a in range(3)]
+        mask = (blob(grid, centre, radii, rng, roughness=rng.uniform(0.15, 0.35)) < 1.0) & allowed
+        if mask.any():
+            out.append((mask, factor))
+            allowed = allowed & ~ndimage.binary_dilation(mask, iterations=2)
+    return out
 
 
 def _lesion_count_probs(max_lesions: int) -> np.ndarray:
@@ -449,6 +500,8 @@ def liver_mri(
     noise: float = 1.0,
     misregistration: float = 1.5,
     cyst_like_fluid: bool = True,
+    max_mimics: int = 0,
+    lesion_types: Sequence[str] = LESION_TYPES[:4],
 ) -> str:
     """Write a multi-sequence liver-MRI phantom dataset (T2WI, DWI and three contrast-enhanced phases).
 
@@ -498,6 +551,14 @@ def liver_mri(
             so that in every sequence only their place in the liver tells them from the gallbladder or the stomach
             content; ``False``: the T2WI / DWI contrast of the other types, scaled by ``conspicuity`` (before
             ``docs/benchmarks.md`` found that a CE teacher then lost to its T2WI + DWI student on cysts alone).
+        max_mimics: most benign T2WI-bright foci per case (0 to ``max_mimics``, uniform): label 0, as bright as an
+            HCC-like lesion in T2WI but isointense to the liver in DWI and every CE phase, so that the CE phases tell
+            them from tumour at a glance while T2WI + DWI need the DWI signal. 0 (default) leaves every case as
+            without the argument (the mimics draw from their own random stream).
+        lesion_types: the types a lesion is drawn from, with the weights of ``LESION_WEIGHTS``; besides the four of
+            the table, ``"t2_dark"`` (darker than the liver in T2WI, bright in DWI, hypo-enhancing late) and
+            ``"dwi_only"`` (isointense in T2WI, seen by restricted diffusion only). The default, the four of the
+            table, draws exactly as before the other two existed.
 
     Returns:
         path of the written ``dataset.json``.
@@ -507,7 +568,8 @@ def liver_mri(
     kwargs = dict(size=size, n_slices=n_slices, max_lesions=max_lesions, lesion_radius=tuple(lesion_radius),
                   t2_contrast=t2_contrast, dwi_contrast=dwi_contrast, conspicuity=tuple(conspicuity),
                   ce_contrast=ce_contrast, noise=noise, misregistration=misregistration,
-                  cyst_like_fluid=cyst_like_fluid)
+                  cyst_like_fluid=cyst_like_fluid, max_mimics=max_mimics,
+                  lesion_types=list(lesion_types))
     records = []
     for i in range(n_cases):
         case = f"liver_{i:03d}"

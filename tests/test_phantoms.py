@@ -354,3 +354,29 @@ def test_cli(tmp_path):
         assert len(split["training"]) == 1 and len(split["unlabeled"]) == 2
     generator = json.loads((tmp_path / "mediastinal_ct" / "dataset.json").read_text())["generator"]
     assert generator["tumour_hu"] == [35, 45] and generator["seed"] == 3
+
+
+def test_liver_mimics_are_t2_bright_background_and_optional():
+    """Mimics: label 0, in the liver, brighter than it in T2WI only; ``max_mimics=0`` leaves the case unchanged."""
+    plain = phantoms.liver_case(3, seed=0, size=64, n_slices=8)
+    case = phantoms.liver_case(3, seed=0, size=64, n_slices=8, max_mimics=3)
+    assert plain["mimic_masks"] == [] and np.array_equal(plain["label"], case["label"])
+    found = 0
+    for i in range(6):
+        case = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3)
+        liver = (case["organs"] == 1) & (case["label"] == 0) & ~np.any([np.zeros_like(case["label"], bool),
+                                                                        *case["mimic_masks"]], axis=0)
+        for mask in case["mimic_masks"]:
+            found += 1
+            assert not (case["label"][mask]).any() and np.all(case["organs"][mask] == 1)
+            ratio = {k: np.median(case["images"][k][mask]) / np.median(case["images"][k][liver]) for k in case["images"]}
+            assert ratio["t2w"] > 1.1 and all(0.85 < ratio[k] < 1.15 for k in ("dwi", "art", "pv", "delay")), ratio
+    assert found >= 3
+
+
+def test_liver_lesion_types_selectable():
+    kinds = set()
+    for i in range(12):
+        kinds |= set(phantoms.liver_case(i, seed=0, size=48, n_slices=6, max_lesions=3,
+                                         lesion_types=("t2_dark", "dwi_only"))["lesions"])
+    assert kinds == {"t2_dark", "dwi_only"}

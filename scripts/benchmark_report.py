@@ -134,6 +134,48 @@ def gap_table(rows: list[dict], bundle: str) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(runs: list[dict], bundle: str) -> list[dict]:
+    """Per-seed paired Dice differences of the accuracy suite: each semi-supervised method against supervised
+    training, and the bundle's own method against the plain mean teacher, at 10 % and 20 % labels.
+
+    Runs of one seed share the data, the split and the initialisation, so the difference of two methods within a
+    seed is free of the seed-to-seed spread. Returns one dict per comparison with at least one common seed:
+    ``ratio``, ``comparison`` (``"a - b"``), ``seeds``, ``differences`` (per seed), ``mean`` and the two-sided 95 %
+    Student-t interval ``low`` / ``high`` (NaN below two seeds), and ``excludes_zero``.
+    """
+    from scipy import stats
+
+    dice = {(r["ratio"], r["method"], r["seed"]): r["metrics"].get(METRICS[bundle]["Dice"], float("nan"))
+            for r in runs if r["bundle"] == bundle and r["suite"] == "accuracy"}
+    own = OWN_METHOD[bundle]
+    out = []
+    for ratio in (10, 20):
+        for a, b in (("mean_teacher", "supervised"), (own, "supervised"), (own, "mean_teacher")):
+            seeds = sorted(s for (r, m, s) in dice if r == ratio and m == a and (ratio, b, s) in dice)
+            if not seeds:
+                continue
+            diffs = np.array([dice[(ratio, a, s)] - dice[(ratio, b, s)] for s in seeds])
+            mean, low, high = float(diffs.mean()), float("nan"), float("nan")
+            if len(diffs) > 1:
+                half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+                low, high = mean - half, mean + half
+            out.append({"ratio": ratio, "comparison": f"{a} - {b}", "seeds": seeds, "differences": diffs.tolist(),
+                        "mean": mean, "low": low, "high": high,
+                        "excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0))})
+    return out
+
+
+def paired_table(runs: list[dict], bundle: str) -> str:
+    lines = ["| labels | comparison | seeds | per-seed difference | mean | 95 % interval | excludes 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for d in paired_differences(runs, bundle):
+        interval = "n/a (one seed)" if not math.isfinite(d["low"]) else f"{d['low']:+.3f} to {d['high']:+.3f}"
+        lines.append(f"| {d['ratio']} % | {d['comparison']} | {len(d['seeds'])} | "
+                     f"{', '.join(f'{x:+.3f}' for x in d['differences'])} | {d['mean']:+.3f} | {interval} | "
+                     f"{'yes' if d['excludes_zero'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def ablation_table(rows: list[dict], bundle: str) -> str:
     names = ["Dice", "HD95 (mm)"] + (["ECE", "unc. AUROC"] if bundle == "cdugjl_liver" else [])
     lines = ["| variant (10 % labels) | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -331,7 +373,8 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         writer.writeheader()
         writer.writerows(rows)
     summary = {"profile": profile, "accuracy": rows,
-               "gap_recovered": {b: gap_recovered(rows, b) for b in BUNDLES}}
+               "gap_recovered": {b: gap_recovered(rows, b) for b in BUNDLES},
+               "paired_differences": {b: paired_differences(runs, b) for b in BUNDLES}}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_dice(rows, Path(doc).parent / "benchmarks" / f"dice_vs_label_ratio_{profile}.png")
     plot_validation(runs, Path(doc).parent / "benchmarks" / f"validation_dice_{profile}.png")
@@ -341,6 +384,7 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
     for bundle in BUNDLES:
         text = replace_block(text, f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
         text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
+        text = replace_block(text, f"paired_{bundle}", head + "\n" + paired_table(runs, bundle))
         text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
     text = replace_block(text, "runtime", head + "\n" + runtime_table(runs))
     for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 
 import benchmark_accuracy
 import benchmark_report
+import numpy as np
 import pytest
 
 from conftest import REPO, run_cmd
@@ -49,6 +51,28 @@ def test_gap_recovered_and_missing_blocks():
         "a\n<!-- begin:x -->\nnew\n<!-- end:x -->\nb")
     with pytest.raises(KeyError):
         benchmark_report.replace_block("no markers", "x", "new")
+
+
+def test_paired_differences_pair_seeds_and_give_an_interval():
+    def run(method, seed, dice):
+        return {"bundle": "ceds_mediastinum", "suite": "accuracy", "ratio": 10, "method": method, "seed": seed,
+                "metrics": {"test_mean_dice": dice}}
+
+    runs = [run("supervised", s, 0.5 + 0.1 * s) for s in range(3)]  # a large seed-to-seed spread ...
+    runs += [run("ceds", s, 0.52 + 0.1 * s + 0.01 * (s == 1)) for s in range(3)]  # ... and a steady paired gain
+    runs += [run("mean_teacher", 0, 0.4)]
+    got = {d["comparison"]: d for d in benchmark_report.paired_differences(runs, "ceds_mediastinum")}
+    ceds = got["ceds - supervised"]
+    assert ceds["seeds"] == [0, 1, 2] and ceds["differences"] == pytest.approx([0.02, 0.03, 0.02])
+    assert ceds["mean"] == pytest.approx(0.07 / 3) and ceds["low"] > 0 and ceds["excludes_zero"]
+    # half-width: t(0.975, 2) x sd / sqrt(3)
+    assert ceds["high"] - ceds["mean"] == pytest.approx(4.302653 * np.std([0.02, 0.03, 0.02], ddof=1) / np.sqrt(3))
+    one = got["mean_teacher - supervised"]  # one common seed: no interval, no claim
+    assert one["seeds"] == [0] and math.isnan(one["low"]) and not one["excludes_zero"]
+    assert "ceds - mean_teacher" in got
+    table = benchmark_report.paired_table(runs, "ceds_mediastinum")
+    assert "| 10 % | ceds - supervised | 3 | +0.020, +0.030, +0.020 | +0.023 |" in table
+    assert "n/a (one seed)" in table
 
 
 def test_runtime_table_counts_a_shared_teacher_once():

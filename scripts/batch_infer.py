@@ -122,7 +122,8 @@ def bundle_cases(bundle: str | os.PathLike, inputs: str, options: BatchOptions =
     """The cases of ``inputs`` (:func:`input_checks.load_cases`), named by the bundle's own rule
     (``scripts/case_meta.py``) with its modalities' file-name suffixes (or ``options.modality_suffixes``)."""
     bundle = Path(bundle).resolve()
-    options = with_bundle_defaults(options, json.loads((bundle / "configs" / "metadata.json").read_text()))
+    if options.modality_suffixes is None:  # not resolved by the caller yet
+        options = with_bundle_defaults(options, json.loads((bundle / "configs" / "metadata.json").read_text()))
     case_name = bundle_module(bundle, "case_meta").case_name
     return load_cases(inputs, case_name, split=options.split, modality_suffixes=options.modality_suffixes)
 

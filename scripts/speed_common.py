@@ -135,6 +135,17 @@ def write_result(
     return str(path)
 
 
+def write_and_print(
+    benchmark: str, rows: list[dict], settings: dict[str, Any], out_dir: str, tag: str, env: dict[str, Any],
+    title: str, columns: Sequence[str],
+) -> str:
+    """:func:`write_result`, then :func:`print_table` of ``columns`` and the written path; returns the path."""
+    path = write_result(benchmark, rows, settings, out_dir, tag, env)
+    print_table(title, rows, columns)
+    print(f"-> {path}")
+    return path
+
+
 def print_table(title: str, rows: list[dict], columns: Sequence[str]) -> None:
     """Print ``columns`` of ``rows`` as a fixed-width table (floats with 4 significant digits)."""
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from bundle_imports import bundle_module
-from speed_common import (DEFAULT_OUT_DIR, bundle_config, environment, median_of, peak_rss, print_table, ratio_of,
-                          reset_peak_rss, run_isolated, set_threads, write_result)
+from speed_common import (DEFAULT_OUT_DIR, bundle_config, environment, median_of, peak_rss, ratio_of,
+                          reset_peak_rss, run_isolated, set_threads, write_and_print)
 
 VNET_CHANNELS = [16, 32, 64, 128, 256]
 """The fixed widths of ``monai.networks.nets.VNet`` (recorded in the inference rows)."""
@@ -240,9 +240,7 @@ def inference(
                 "total_batches": measured["total_batches"], "real_batches": measured["real_batches"],
                 "baseline_real_batches": baseline["real_batches"],
             })
-    path = write_result("inference", rows, settings, out_dir, tag, env)
-    print_table("full-volume inference (targets: time_ratio <= 1.5, peak_rss_gb <= 6 on 512x512x300)", rows,
-                ["volume", "widths", "network", "baseline", "time_s", "baseline_time_s", "time_ratio", "peak_rss_gb",
-                 "baseline_peak_rss_gb", "extrapolated"])
-    print(f"-> {path}")
-    return path
+    return write_and_print("inference", rows, settings, out_dir, tag, env,
+                           "full-volume inference (targets: time_ratio <= 1.5, peak_rss_gb <= 6 on 512x512x300)",
+                           ["volume", "widths", "network", "baseline", "time_s", "baseline_time_s", "time_ratio",
+                            "peak_rss_gb", "baseline_peak_rss_gb", "extrapolated"])

@@ -13,8 +13,8 @@ import phantoms
 import torch
 from ignite.engine import Events
 from benchmark_accuracy import METHODS
-from speed_common import (DEFAULT_OUT_DIR, bundle_config, environment, median_of, print_table, ratio_of, set_threads,
-                          write_result)
+from speed_common import (DEFAULT_OUT_DIR, bundle_config, environment, median_of, ratio_of, set_threads,
+                          write_and_print)
 
 # the benchmark's methods (benchmark_accuracy.METHODS); CEDS's semi-supervised methods in their semi-supervised phase
 _SEMI_PHASE = {"warmup": 0, "confidence_interval": 0}
@@ -257,12 +257,10 @@ def iteration(
                     "warmup_times_s": measured["warmup_s"], "labelled_batch": measured["labelled_batch"],
                     "unlabelled_batch": measured["unlabelled_batch"],
                 })
-    path = write_result("iteration", rows, settings, out_dir, tag, env)
-    print_table("training iteration (ratio: method / supervised; target <= 2.5)", rows,
-                ["bundle", "method", "iteration_s", "ratio", "step_s", "step_ratio", "iteration_min_s", "min_ratio",
-                 "labelled_batch", "unlabelled_batch"])
-    print(f"-> {path}")
-    return path
+    return write_and_print("iteration", rows, settings, out_dir, tag, env,
+                           "training iteration (ratio: method / supervised; target <= 2.5)",
+                           ["bundle", "method", "iteration_s", "ratio", "step_s", "step_ratio", "iteration_min_s",
+                            "min_ratio", "labelled_batch", "unlabelled_batch"])
 
 
 class IterationProfiler:
@@ -421,9 +419,7 @@ def profile(
                     "data_share": ratio_of(phases["data"], step_s), "step_ratio": ratio_of(step_s, network_s),
                     "phase_times_s": {p: t[warmup:] for p, t in profiler.times.items()},
                 })
-    path = write_result("profile", rows, settings, out_dir, tag, env)
-    print_table("training-iteration profile (targets: data_share <= 0.2; supervised step_ratio <= 2)", rows,
-                ["bundle", "method", *[f"{p}_s" for p in IterationProfiler.PHASES], "step_s", "network_s",
-                 "data_share", "step_ratio"])
-    print(f"-> {path}")
-    return path
+    return write_and_print("profile", rows, settings, out_dir, tag, env,
+                           "training-iteration profile (targets: data_share <= 0.2; supervised step_ratio <= 2)",
+                           ["bundle", "method", *[f"{p}_s" for p in IterationProfiler.PHASES], "step_s", "network_s",
+                            "data_share", "step_ratio"])

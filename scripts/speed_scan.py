@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from bundle_imports import bundle_module
-from speed_common import (DEFAULT_OUT_DIR, environment, median_of, peak_rss, print_table, ratio_of, reset_peak_rss,
-                          run_isolated, set_threads, write_result)
+from speed_common import (DEFAULT_OUT_DIR, environment, median_of, peak_rss, ratio_of, reset_peak_rss,
+                          run_isolated, set_threads, write_and_print)
 
 SCAN_TOLERANCE = 1e-4
 
@@ -221,9 +221,7 @@ def scan(
                      "times_s": chunked["times_s"], "baseline_times_s": ref["times_s"],
                      "peak_mb": chunked["peak_mb"], "baseline_peak_mb": ref["peak_mb"], "max_abs_error": error})
     rows.append(_scan_gpu_row(gpu_length, batch, d_inner, d_state, chunk_size, repeats, warmup))
-    path = write_result("scan", rows, settings, out_dir, tag, env)
-    print_table("selective scan, forward + backward (time_s: chunked / mamba_ssm, baseline: ref / chunked)", rows,
-                ["device", "length", "method", "baseline", "time_s", "baseline_time_s", "speedup", "peak_mb",
-                 "baseline_peak_mb", "status"])
-    print(f"-> {path}")
-    return path
+    return write_and_print("scan", rows, settings, out_dir, tag, env,
+                           "selective scan, forward + backward (time_s: chunked / mamba_ssm, baseline: ref / chunked)",
+                           ["device", "length", "method", "baseline", "time_s", "baseline_time_s", "speedup",
+                            "peak_mb", "baseline_peak_mb", "status"])

@@ -52,6 +52,13 @@ LESION_TYPES = ("hcc", "metastasis", "haemangioma", "cyst", "t2_dark", "dwi_only
 # relative frequency of each type; a case draws its lesions' types among ``lesion_types`` with these weights
 LESION_WEIGHTS = {"hcc": 0.35, "metastasis": 0.35, "haemangioma": 0.15, "cyst": 0.15, "t2_dark": 0.15,
                   "dwi_only": 0.15}
+# benign foci (label 0), isointense to the liver in every CE phase; T2WI / DWI factors (times the per-focus
+# conspicuity and ``t2_contrast`` / ``dwi_contrast``) of the body and of a central scar (normalised radius < 0.35)
+MIMIC_TYPES = {
+    "t2_bright": {"body": (1.0, 0.0), "scar": (1.0, 0.0)},  # bright in T2WI like an HCC, iso in DWI
+    "scar": {"body": (0.5, 0.9), "scar": (3.0, 0.0)},  # FNH-like: like an HCC in T2WI / DWI but for a bright scar
+    "siderotic": {"body": (-0.8, -0.5), "scar": (-0.8, -0.5)},  # dark in T2WI and DWI
+}
 
 Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -366,6 +373,7 @@ def liver_case(
     cyst_like_fluid: bool = True,
     max_mimics: int = 0,
     lesion_types: Sequence[str] = LESION_TYPES[:4],
+    mimic_types: Sequence[str] = ("t2_bright",),
 ) -> dict:
     """Generate one liver-MRI case in memory (see :func:`liver_mri` for the arguments).
 
@@ -413,7 +421,7 @@ def liver_case(
         kinds.append(kind)
         factors.append(factor)
     mimics = _mimics(case_rng(seed, index, 2), grid, liver_core & ~ndimage.binary_dilation(label > 0, iterations=2),
-                     max_mimics, lesion_radius, conspicuity, size)
+                     max_mimics, lesion_radius, conspicuity, size, mimic_types)
 
     # clean signals per sequence: tissue lookup, parenchymal texture, lesions, partial-volume blur
     texture = smooth_noise(rng, shape, (3.0, 3.0, 1.0))
@@ -424,8 +432,11 @@ def liver_case(
             sig = _lesion_signal(kind, rho_in, spots[mask], f * t2_contrast, f * dwi_contrast, ce_contrast,
                                  cyst_like_fluid)[s]
             img[mask] = sig * (1.0 + 0.04 * texture[mask])
-        for mask, f in mimics:  # T2WI like an HCC, iso to the liver in DWI and in every CE phase
-            img[mask] = _MR_SIGNAL["liver"][s] * (1.0 + (f * t2_contrast if s == 0 else 0.0)) * (1.0 + 0.04 * texture[mask])
+        for mask, rho_in, kind, f in mimics:  # iso to the liver in every CE phase
+            contrast = (t2_contrast, dwi_contrast, 0.0, 0.0, 0.0)[s] * f
+            body, scar = (MIMIC_TYPES[kind][part][s] if s < 2 else 0.0 for part in ("body", "scar"))
+            delta = np.where(rho_in < 0.35, scar, body) * contrast
+            img[mask] = _MR_SIGNAL["liver"][s] * (1.0 + delta) * (1.0 + 0.04 * texture[mask])
         images[name] = ndimage.gaussian_filter(img, (0.6, 0.6, 0.3))
 
     # DWI: lower resolution and a slight in-plane misregistration (the label follows T2WI / CE)
@@ -441,7 +452,8 @@ def liver_case(
         imag = rng.normal(0.0, sd, shape).astype(np.float32)
         images[name] = np.round(1000.0 * np.sqrt(real**2 + imag**2)).astype(np.float32)  # integer-valued, as scanners
     return {"images": images, "label": label, "organs": organs, "affine": affine, "dwi_shift": shift, "lesions": kinds,
-            "lesion_masks": [mask for mask, _ in lesion_voxels], "mimic_masks": [mask for mask, _ in mimics]}
+            "lesion_masks": [mask for mask, _ in lesion_voxels], "mimic_masks": [m[0] for m in mimics],
+            "mimics": [m[2] for m in mimics]}
 
 
 def _mimics(
@@ -452,16 +464,19 @@ def _mimics(
     lesion_radius: Sequence[float],
     conspicuity: Sequence[float],
     size: int,
-) -> list[tuple[np.ndarray, float]]:
-    """0 to ``max_mimics`` (uniform) benign T2WI-bright foci inside ``allowed`` (the liver away from the lesions):
-    irregular blobs of the lesions' sizes, each with a T2WI conspicuity factor drawn as a lesion's. They are not
-    tumour (label 0). Drawn from their own random stream, so that ``max_mimics=0`` leaves the case unchanged.
+    kinds: Sequence[str] = ("t2_bright",),
+) -> list[tuple[np.ndarray, np.ndarray, str, float]]:
+    """0 to ``max_mimics`` (uniform) benign foci inside ``allowed`` (the liver away from the lesions): irregular blobs
+    of the lesions' sizes, each of a kind of ``MIMIC_TYPES`` drawn uniformly from ``kinds`` and with a conspicuity
+    factor drawn as a lesion's. They are not tumour (label 0). Drawn from their own random stream, so that
+    ``max_mimics=0`` leaves the case unchanged (and one kind draws as before ``kinds`` existed).
 
     Returns:
-        ``[(mask, conspicuity factor), ...]``.
+        ``[(mask, normalised radius inside the mask, kind, conspicuity factor), ...]``.
     """
-    out: list[tuple[np.ndarray, float]] = []
+    out: list[tuple[np.ndarray, np.ndarray, str, float]] = []
     for _ in range(int(rng.integers(max_mimics + 1)) if max_mimics > 0 else 0):
+        kind = str(rng.choice(list(kinds))) if len(kinds) > 1 else kinds[0]
         factor = _uniform(rng, conspicuity)
         r = _uniform(rng, lesion_radius)
         radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
@@ -472,9 +487,10 @@ def _mimics(
             break
         centre_vox = candidates[rng.integers(len(candidates))]
         centre = [float(grid[a].reshape(-1)[centre_vox[a]]) for a in range(3)]
-        mask = (blob(grid, centre, radii, rng, roughness=rng.uniform(0.15, 0.35)) < 1.0) & allowed
+        rho = blob(grid, centre, radii, rng, roughness=rng.uniform(0.15, 0.35))
+        mask = (rho < 1.0) & allowed
         if mask.any():
-            out.append((mask, factor))
+            out.append((mask, rho[mask], kind, factor))
             allowed = allowed & ~ndimage.binary_dilation(mask, iterations=2)
     return out
 
@@ -502,6 +518,7 @@ def liver_mri(
     cyst_like_fluid: bool = True,
     max_mimics: int = 0,
     lesion_types: Sequence[str] = LESION_TYPES[:4],
+    mimic_types: Sequence[str] = ("t2_bright",),
 ) -> str:
     """Write a multi-sequence liver-MRI phantom dataset (T2WI, DWI and three contrast-enhanced phases).
 
@@ -559,6 +576,11 @@ def liver_mri(
             the table, ``"t2_dark"`` (darker than the liver in T2WI, bright in DWI, hypo-enhancing late) and
             ``"dwi_only"`` (isointense in T2WI, seen by restricted diffusion only). The default, the four of the
             table, draws exactly as before the other two existed.
+        mimic_types: the kinds of the benign foci (keys of ``MIMIC_TYPES``, drawn uniformly): ``"t2_bright"``
+            (the default, described under ``max_mimics``), ``"scar"`` (FNH-like: the T2WI / DWI signal of an HCC-like
+            lesion but for a T2WI-bright central scar) and ``"siderotic"`` (darker than the liver in T2WI and DWI).
+            Every kind is isointense in the CE phases, which therefore tell all of them from tumour alike, while
+            T2WI + DWI need examples of each.
 
     Returns:
         path of the written ``dataset.json``.
@@ -569,7 +591,7 @@ def liver_mri(
                   t2_contrast=t2_contrast, dwi_contrast=dwi_contrast, conspicuity=tuple(conspicuity),
                   ce_contrast=ce_contrast, noise=noise, misregistration=misregistration,
                   cyst_like_fluid=cyst_like_fluid, max_mimics=max_mimics,
-                  lesion_types=list(lesion_types))
+                  lesion_types=list(lesion_types), mimic_types=list(mimic_types))
     records = []
     for i in range(n_cases):
         case = f"liver_{i:03d}"

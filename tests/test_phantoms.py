@@ -374,6 +374,29 @@ def test_liver_mimics_are_t2_bright_background_and_optional():
     assert found >= 3
 
 
+def test_liver_mimic_types():
+    """Each mimic kind has its own T2WI / DWI appearance and none differs from the liver in the CE phases; one kind
+    draws as before the kinds existed."""
+    medians: dict[str, list] = {}
+    for i in range(12):
+        case = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3, mimic_types=list(phantoms.MIMIC_TYPES))
+        liver = (case["organs"] == 1) & (case["label"] == 0) & ~np.any([np.zeros_like(case["label"], bool),
+                                                                        *case["mimic_masks"]], axis=0)
+        for mask, kind in zip(case["mimic_masks"], case["mimics"]):
+            assert not case["label"][mask].any()
+            ratio = {k: np.median(case["images"][k][mask]) / np.median(case["images"][k][liver]) for k in case["images"]}
+            assert all(0.85 < ratio[k] < 1.15 for k in ("art", "pv", "delay")), (kind, ratio)
+            medians.setdefault(kind, []).append((ratio["t2w"], ratio["dwi"]))
+    assert set(medians) == set(phantoms.MIMIC_TYPES)
+    t2, dwi = ({k: np.mean([v[j] for v in vals]) for k, vals in medians.items()} for j in (0, 1))
+    assert t2["t2_bright"] > 1.1 and abs(dwi["t2_bright"] - 1) < 0.1  # bright in T2WI only
+    assert t2["scar"] > 1.05 and dwi["scar"] > 1.05  # like an HCC in both
+    assert t2["siderotic"] < 0.92 and dwi["siderotic"] < 0.97  # dark in both
+    one = phantoms.liver_case(4, seed=0, size=64, n_slices=8, max_mimics=3)
+    again = phantoms.liver_case(4, seed=0, size=64, n_slices=8, max_mimics=3, mimic_types=["t2_bright"])
+    assert all(np.array_equal(one["images"][k], again["images"][k]) for k in one["images"])
+
+
 def test_liver_lesion_types_selectable():
     kinds = set()
     for i in range(12):

@@ -106,7 +106,7 @@ def trained(tmp_path_factory, liver_data):
     bundle_run([str(CONFIGS / "train.json"), str(CONFIGS / "train_teacher.json"), DEMO], work, *common)
     proc = bundle_run(
         [str(CONFIGS / "train.json"), DEMO], work, *common, "--datalist", str(liver_data / "datalist_20.json"),
-        "--grad_share_interval", "1",
+        "--grad_share_interval", "1", "--teacher_min_dice", "0.0",  # the check reads the teacher's metrics.csv
     )
     (work / "student.log").write_text(proc.stdout + proc.stderr)
     return work
@@ -122,6 +122,10 @@ def test_teacher_and_student_checkpoints(trained):
         state = torch.load(trained / "models" / name, map_location="cpu", weights_only=True)
         assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
         nets.MEAMTNet(in_channels=in_channels, channels=demo["channels"]).load_state_dict(state)
+    # the teacher's last validation, which a student's teacher_min_dice check reads (MetricsSaver)
+    dice = bundle_module("cdugjl_liver", "distillation").recorded_dice(trained / "models" / "teacher")
+    assert dice is not None and 0.0 <= dice <= 1.0
+    assert "teacher validation Dice" in (trained / "student.log").read_text()
     checkpoint = torch.load(trained / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert {"model", "loss", "ema", "optimizer", "lr_scheduler"} <= set(checkpoint)
     # model.pt is the network the run ended with

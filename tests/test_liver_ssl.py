@@ -182,6 +182,30 @@ def test_load_teacher(distillation, tmp_path):
     assert not frozen.training and frozen.forward_all(torch.randn(1, 3, 32, 32))["alpha"].shape == (1, 2, 32, 32)
 
 
+def test_teacher_worse_than_supervised_is_refused(distillation, tmp_path, caplog):
+    nets = bundle_module("cdugjl_liver", "networks")
+    small = dict(in_channels=3, channels=(4, 8, 8, 8, 8), quant_hidden=(8,), d_state=2)
+    ckpt = tmp_path / "teacher" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save(nets.MEAMTNet(**small).state_dict(), ckpt)
+    x = torch.randn(1, 3, 32, 32)
+    # no recorded Dice: no check without min_dice, refused with one
+    distillation.FrozenTeacher(nets.MEAMTNet(**small), ckpt).forward_all(x)
+    with pytest.raises(RuntimeError, match="no recorded validation Dice"):
+        distillation.FrozenTeacher(nets.MEAMTNet(**small), ckpt, min_dice=0.5).forward_all(x)
+    (ckpt.parent / "metrics.csv").write_text("val_mean_dice,0.61\n")  # as MONAI's MetricsSaver writes it
+    assert distillation.recorded_dice(ckpt.parent) == pytest.approx(0.61)
+    distillation.FrozenTeacher(nets.MEAMTNet(**small), ckpt, min_dice=0.6).forward_all(x)  # better: used
+    worse = distillation.FrozenTeacher(nets.MEAMTNet(**small), ckpt, min_dice=0.7)
+    with pytest.raises(RuntimeError, match="0.610, below teacher_min_dice 0.700"):
+        worse.forward_all(x)
+    assert not worse.loaded
+    warned = distillation.FrozenTeacher(nets.MEAMTNet(**small), ckpt, min_dice=0.7, on_worse="warn")
+    with caplog.at_level("ERROR"):
+        assert warned.forward_all(x)["alpha"].shape == (1, 2, 32, 32)
+    assert "WORSE THAN SUPERVISED" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- consistency
 
 

@@ -19,9 +19,11 @@ correspond voxel by voxel. Three kinds of terms, each with its own weight in ``c
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -35,6 +37,7 @@ __all__ = [
     "attention_map",
     "dirichlet_kl",
     "load_teacher",
+    "recorded_dice",
     "region_embeddings",
     "region_info_nce",
     "region_map",
@@ -82,6 +85,17 @@ def load_teacher(
     return network.to(device) if device is not None else network
 
 
+def recorded_dice(model_dir: str | os.PathLike, metric: str = "val_mean_dice") -> float | None:
+    """The last validation Dice a training run recorded in ``<model_dir>/metrics.csv`` (MONAI ``MetricsSaver`` of
+    ``configs/train.json``: one ``name,value`` line per metric), or ``None`` when there is none."""
+    path = Path(model_dir) / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        values = {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
+    return float(values[metric]) if metric in values else None
+
+
 class FrozenTeacher(nn.Module):
     """The frozen CE teacher, loaded from its checkpoint when it is first used.
 
@@ -89,12 +103,20 @@ class FrozenTeacher(nn.Module):
     MONAI Label reading the config); a training run that needs the teacher fails at its first iteration with the
     :func:`load_teacher` error. :meth:`train` never leaves ``eval()`` mode.
 
+    With ``min_dice`` (the validation Dice of a supervised T2WI + DWI student of the same labels), loading checks
+    the teacher's own last validation Dice (:func:`recorded_dice` of its checkpoint folder): distilling from a
+    teacher that segments worse than supervised training alone teaches the student its errors. A worse teacher, or
+    one without a recorded Dice, is refused (``RuntimeError``) or, with ``on_worse="warn"``, logged as an error and
+    used.
+
     Args:
         network: the teacher architecture.
         ckpt_path: the teacher's weights (see :func:`load_teacher`).
         device: where to put it.
         enabled: ``False`` when no distillation term is active or no training record has contrast-enhanced
             images; the trainer then ignores the teacher (see :class:`scripts.trainer.CdUgJLTrainer`).
+        min_dice: the validation Dice the teacher must reach, or ``None`` (no check).
+        on_worse: ``"refuse"`` or ``"warn"``.
     """
 
     def __init__(
@@ -103,19 +125,43 @@ class FrozenTeacher(nn.Module):
         ckpt_path: str | os.PathLike,
         device: str | torch.device | None = None,
         enabled: bool = True,
+        min_dice: float | None = None,
+        on_worse: str = "refuse",
     ) -> None:
         super().__init__()
+        if on_worse not in ("refuse", "warn"):
+            raise ValueError(f"on_worse must be 'refuse' or 'warn', got {on_worse!r}")
         self.network = network
         self.ckpt_path = ckpt_path
         self.device = device
         self.enabled = enabled
+        self.min_dice = min_dice
+        self.on_worse = on_worse
         self.loaded = False
         if not enabled:
             logger.info("no teacher: every distillation weight is 0 or no training record has 'ce'.")
 
+    def check(self) -> None:
+        """Compare the teacher's recorded validation Dice with ``min_dice`` (see the class docstring)."""
+        if self.min_dice is None:
+            return
+        dice = recorded_dice(Path(os.fspath(self.ckpt_path)).parent)
+        if dice is not None and dice >= self.min_dice:
+            logger.info(f"teacher validation Dice {dice:.3f} >= {self.min_dice:.3f} (teacher_min_dice).")
+            return
+        found = "no recorded validation Dice (metrics.csv beside it)" if dice is None else f"validation Dice {dice:.3f}"
+        message = (f"the contrast-enhanced teacher {self.ckpt_path} has {found}, below teacher_min_dice "
+                   f"{self.min_dice:.3f} (a supervised student's): distilling from it would teach the student its "
+                   "errors. Train the teacher longer or on more labels, set the distillation weights to 0, or pass "
+                   "--teacher_check warn to use it anyway.")
+        if self.on_worse == "refuse":
+            raise RuntimeError(message)
+        logger.error("USING A TEACHER WORSE THAN SUPERVISED TRAINING: " + message)
+
     def load(self) -> FrozenTeacher:
-        """Load the weights (once)."""
+        """Check and load the weights (once)."""
         if not self.loaded:
+            self.check()
             load_teacher(self.network, self.ckpt_path, self.device)
             self.loaded = True
         return self

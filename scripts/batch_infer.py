@@ -178,31 +178,38 @@ class BundleRunner:
         self.workflow.run()
 
 
-def quality_check(mask: np.ndarray, doubt: np.ndarray | None, threshold: float | None) -> dict[str, Any]:
-    """Per-case QC flag from the predicted mask and a voxel doubt map (uncertainty, or 1 - confidence).
+def quality_check(mask: np.ndarray, doubt: np.ndarray | None, threshold: float | None,
+                  implausible: Sequence[str] = ()) -> dict[str, Any]:
+    """Per-case QC flag from the predicted mask, a voxel doubt map (uncertainty, or 1 - confidence) and the
+    quantification's implausible values.
 
     Args:
         mask: predicted mask, any shape; non-zero is tumour.
         doubt: same shape, higher = less trustworthy; ``None`` when the bundle writes no such map.
         threshold: mean doubt inside the mask above which the case needs review (``None``: only an empty mask
             needs review; the mean doubt is still recorded).
+        implausible: sentences naming quantification values that contradict the mask (the ``implausible`` entry
+            of the liver bundle's quantification report); any makes the case need review.
 
     Returns:
         ``{"needs_review": bool, "reason": str, "tumour_voxels": int, "mean_doubt_in_mask": float | None}``.
     """
     inside = np.asarray(mask) > 0
     voxels = int(inside.sum())
+    reasons, mean = [], None
     if voxels == 0:
-        return {"needs_review": True, "reason": "empty mask: no tumour predicted", "tumour_voxels": 0,
-                "mean_doubt_in_mask": None}
-    if doubt is None:
-        return {"needs_review": False, "reason": "", "tumour_voxels": voxels, "mean_doubt_in_mask": None}
-    if np.shape(doubt) != inside.shape:
-        raise ValueError(f"doubt map shape {np.shape(doubt)} differs from mask shape {inside.shape}")
-    mean = float(np.asarray(doubt, dtype=np.float64)[inside].mean())
-    flagged = threshold is not None and mean > threshold
-    reason = f"mean doubt {mean:.3f} inside the predicted tumour exceeds {threshold:g}" if flagged else ""
-    return {"needs_review": flagged, "reason": reason, "tumour_voxels": voxels, "mean_doubt_in_mask": mean}
+        reasons.append("empty mask: no tumour predicted")
+    elif doubt is not None:
+        if np.shape(doubt) != inside.shape:
+            raise ValueError(f"doubt map shape {np.shape(doubt)} differs from mask shape {inside.shape}")
+        mean = float(np.asarray(doubt, dtype=np.float64)[inside].mean())
+        if threshold is not None and mean > threshold:
+            reasons.append(f"mean doubt {mean:.3f} inside the predicted tumour exceeds {threshold:g}")
+    if implausible:
+        more = f" (and {len(implausible) - 1} more)" if len(implausible) > 1 else ""
+        reasons.append(f"implausible quantification: {implausible[0]}{more}")
+    return {"needs_review": bool(reasons), "reason": "; ".join(reasons), "tumour_voxels": voxels,
+            "mean_doubt_in_mask": mean}
 
 
 def largest_lesion_slice(mask: np.ndarray) -> int:
@@ -346,7 +353,8 @@ def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: fl
     outputs = _gather_outputs(staging, case, partial)
     mask = np.asarray(nib.load(partial / outputs["seg"]).dataobj)
     doubt, doubt_name = _doubt_map(partial, outputs)
-    qc = quality_check(mask, doubt, qc_threshold)
+    report = json.loads((partial / outputs["quantification"]).read_text()) if "quantification" in outputs else {}
+    qc = quality_check(mask, doubt, qc_threshold, report.get("implausible", ()))
     if png:
         image = _first_channel(record["image"])
         name = f"{case}_overview.png"

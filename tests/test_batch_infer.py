@@ -81,6 +81,9 @@ def test_quality_check():
     # no threshold (CEDS's default): only an empty mask needs review, the mean doubt is still recorded
     unflagged = batch_infer.quality_check(mask, doubt, None)
     assert not unflagged["needs_review"] and unflagged["mean_doubt_in_mask"] == pytest.approx(0.4)
+    # a quantification value that contradicts the mask (the liver report's "implausible" sentences)
+    odd = batch_infer.quality_check(mask, doubt, None, ["slice 1: a", "slice 2: b"])
+    assert odd["needs_review"] and odd["reason"] == "implausible quantification: slice 1: a (and 1 more)"
     # each bundle's default lives in its metadata.json; the run resolves it there
     defaults = {b: batch_infer.with_bundle_defaults(batch_infer.BatchOptions(), json.loads(
         (BUNDLES / b / "configs" / "metadata.json").read_text())) for b in (CT, LIVER)}

@@ -264,10 +264,30 @@ def test_save_quantification_report(tmp_path):
     assert s3["network"]["centre_world_mm"] == pytest.approx([-100 + 0.8, 50 + 1.4, 35.0])
     assert s3["mask"] == {"area_mm2": 0.0, "centre_world_mm": None}
 
+    # slice 1 agrees with the mask; on slice 3 the network alone reports 20 mm^2 (36 pixels)
+    assert report["implausible"] == ["slice 3: the network reports 20 mm^2 of tumour where the mask has none"]
+
     (lesion,) = report["lesions"]
     assert lesion["volume_mm3"] == pytest.approx(12 * 0.8 * 0.7 * 5.0)
     assert lesion["mean_uncertainty"] == pytest.approx(0.3)
     assert report["units"]["area"] == "mm^2"
+
+
+def test_implausible_slices():
+    """Each rule flags what it should and nothing else (pixel 1 mm^2, 20 pixels count as tumour)."""
+    implausible = _quantification().implausible_slices
+
+    def entry(k, a_net, a_mask, net_c=(0.0, 0.0, 0.0), mask_c=(0.0, 0.0, 0.0)):
+        return {"slice": k, "network": {"area_mm2": a_net, "centre_world_mm": list(net_c)},
+                "mask": {"area_mm2": a_mask, "centre_world_mm": list(mask_c) if a_mask else None}}
+
+    agree = [entry(0, 100.0, 120.0, (1.0, 1.0, 0.0)), entry(1, 5.0, 0.0), entry(2, 0.0, 10.0), {"slice": 3, "mask": {}}]
+    assert implausible(agree, 1.0) == []
+    found = implausible([entry(0, 30.0, 0.0), entry(1, 0.0, 30.0), entry(2, 100.0, 30.0),
+                         entry(3, 100.0, 100.0, (10.0, 0.0, 0.0))], 1.0)
+    assert [s.split(":")[0] for s in found] == ["slice 0", "slice 1", "slice 2", "slice 3"]
+    assert "where the mask has none" in found[0] and "where the network reports none" in found[1]
+    assert "100 mm^2 against 30 mm^2" in found[2] and "10 mm from the mask's" in found[3]
 
 
 def test_save_quantification_without_network(tmp_path):

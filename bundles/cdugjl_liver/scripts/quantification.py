@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "implausible_slices",
     "lesion_components",
     "max_diameter",
     "pixel_area",
@@ -217,3 +218,46 @@ def quantify_mask(
         "slices": slices,
         "lesions": lesions,
     }
+
+
+def implausible_slices(slices: Sequence[dict], pixel_mm2: float, min_pixels: float = 20.0,
+                       area_factor: float = 2.0) -> list[str]:
+    """Slices whose network quantification contradicts the predicted mask, each as a sentence a reader understands.
+
+    The network's centre and area (evidential heads) and the mask come from the same forward pass, so they should
+    agree; where they do not, one of them is wrong and the case needs review. A slice is implausible when
+
+    * the network reports at least ``min_pixels`` pixels of tumour where the mask has none, or the mask has at least
+      ``min_pixels`` pixels where the network reports none;
+    * both have at least ``min_pixels`` pixels and their areas differ by more than ``area_factor`` times;
+    * the network's centre lies farther from the mask's centre than the radius of a disc of the mask's area.
+
+    Args:
+        slices: the ``slices`` entries of a quantification report (:class:`scripts.transforms.SaveQuantificationd`):
+            ``{"slice": k, "network": {"area_mm2", "centre_world_mm", ...}, "mask": {"area_mm2",
+            "centre_world_mm"}}``; entries without ``network`` are skipped.
+        pixel_mm2: area of one pixel (mm^2).
+        min_pixels: smallest area, in pixels, that counts as tumour for these rules.
+        area_factor: largest ratio between the two areas.
+
+    Returns:
+        one sentence per implausible slice (empty when every slice is plausible).
+    """
+    floor = min_pixels * pixel_mm2
+    found = []
+    for entry in slices:
+        if "network" not in entry:
+            continue
+        k, net, mask = entry["slice"], entry["network"], entry["mask"]
+        a_net, a_mask = net["area_mm2"], mask["area_mm2"]
+        if a_net >= floor and a_mask == 0:
+            found.append(f"slice {k}: the network reports {a_net:.0f} mm^2 of tumour where the mask has none")
+        elif a_mask >= floor and a_net < pixel_mm2:
+            found.append(f"slice {k}: the mask has {a_mask:.0f} mm^2 of tumour where the network reports none")
+        elif min(a_net, a_mask) >= floor and max(a_net, a_mask) > area_factor * min(a_net, a_mask):
+            found.append(f"slice {k}: network area {a_net:.0f} mm^2 against {a_mask:.0f} mm^2 in the mask")
+        elif a_mask > 0 and mask["centre_world_mm"] is not None:
+            distance = float(np.linalg.norm(np.subtract(net["centre_world_mm"], mask["centre_world_mm"])))
+            if distance > np.sqrt(a_mask / np.pi) and a_net >= pixel_mm2:
+                found.append(f"slice {k}: the network's centre lies {distance:.0f} mm from the mask's, outside it")
+    return found

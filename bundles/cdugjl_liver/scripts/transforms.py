@@ -25,7 +25,7 @@ from monai.utils import ensure_tuple_rep
 
 from .case_meta import case_name, voxel_spacing
 from .evidential import nig_moments
-from .quantification import quantify_mask, slice_frame_to_world, slice_targets
+from .quantification import implausible_slices, quantify_mask, slice_frame_to_world, slice_targets
 
 __all__ = ["QuantificationTargetsd", "SaveQuantificationd"]
 
@@ -128,7 +128,9 @@ class SaveQuantificationd(MapTransform):
     deviations per world axis (:func:`scripts.quantification.slice_frame_to_world`), its area with both standard
     deviations, and the mask's area/centre on that slice; ``lesions`` from
     :func:`scripts.quantification.quantify_mask` (with ``mean_uncertainty`` when a map is given) and
-    ``total_volume_mm3``. It is written to a temporary file and moved into place (``os.replace``), so readers never
+    ``total_volume_mm3``, and ``implausible``: the slices where the network's centre or area contradicts the mask
+    (:func:`scripts.quantification.implausible_slices`; ``scripts/batch_infer.py`` marks such a case
+    ``needs_review``). It is written to a temporary file and moved into place (``os.replace``), so readers never
     see a partial report. The data are returned unchanged.
 
     Args:
@@ -262,6 +264,7 @@ class SaveQuantificationd(MapTransform):
             },
             "geometry": {"spacing": spacing, "shape": report["shape"], "affine": affine.tolist()},
             "total_volume_mm3": report["total_volume_mm3"],
+            "implausible": implausible_slices(slices, spacing[0] * spacing[1]) if network is not None else [],
             "slices": slices,
             "lesions": report["lesions"],
         }

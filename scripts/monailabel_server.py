@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("ceds_mediastinum", "cdugjl_liver")
 DEFAULT_VENV = REPO / ".venv-monailabel"
 DEFAULT_WORK_DIR = REPO / "outputs" / "monailabel"
+QUICKSTART_DIR = REPO / "outputs" / "quickstart"  # scripts/quickstart.sh's default --out_dir
 
 
 def _as_list(value: str | list | tuple) -> list[str]:
@@ -127,6 +128,26 @@ def random_weights(bundle_dir: str | os.PathLike, venv: str | os.PathLike = DEFA
     return str(bundle_dir / "models" / "model.pt")
 
 
+def served_weights(name: str, cpu_demo: bool, weights_dir: str | os.PathLike | None = QUICKSTART_DIR) -> Path | None:
+    """The ``model.pt`` a copied bundle is served with: the bundle's own ``models/model.pt`` if it has one, else,
+    with ``cpu_demo``, the quick start's ``<weights_dir>/<name>/models/model.pt`` (trained at the ``cpu_demo``
+    widths, so only with them); ``None`` when there is neither.
+
+    Raises:
+        FileNotFoundError: only quick-start weights exist and ``cpu_demo`` is off (they would not fit the configs).
+    """
+    own = REPO / "bundles" / name / "models" / "model.pt"
+    if own.exists():
+        return own
+    quick = Path(weights_dir) / name / "models" / "model.pt" if weights_dir else None
+    if quick is None or not quick.exists():
+        return None
+    if not cpu_demo:
+        raise FileNotFoundError(f"{name}: the only weights are the quick start's {quick}, trained at the cpu_demo "
+                                "widths: serve with --cpu_demo")
+    return quick
+
+
 def build_app(
     work_dir: str = str(DEFAULT_WORK_DIR),
     bundles: str | list = ",".join(BUNDLES),
@@ -134,6 +155,7 @@ def build_app(
     cpu_demo: bool = False,
     random_weights_if_missing: bool = False,
     venv: str = str(DEFAULT_VENV),
+    weights_dir: str | None = str(QUICKSTART_DIR),
 ) -> str:
     """Create ``<work_dir>/apps/monaibundle`` with the bundles in its ``model/`` folder; return the app folder.
 
@@ -145,6 +167,8 @@ def build_app(
         cpu_demo: merge ``configs/cpu_demo.json`` into the copy's ``inference.json`` and ``train.json``.
         random_weights_if_missing: give a bundle without ``models/model.pt`` random weights (smoke tests only).
         venv: the MONAI Label venv (``scripts/monailabel_env.sh``).
+        weights_dir: the quick start's output folder, whose weights a copied bundle without its own is served with
+            (:func:`served_weights`).
     """
     if link and cpu_demo:
         raise ValueError("--cpu_demo edits the bundle's configs: it needs a copy, not --link")
@@ -169,15 +193,17 @@ def build_app(
         else:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("eval", "models", "__pycache__"))
             (target / "models").mkdir()
-            if (source / "models" / "model.pt").exists():
-                shutil.copy2(source / "models" / "model.pt", target / "models" / "model.pt")
+            weights = served_weights(name, cpu_demo, weights_dir)
+            if weights is not None:
+                shutil.copy2(weights, target / "models" / "model.pt")
+                print(f"[monailabel] {name}: serving {weights}")
             if cpu_demo:
                 merge_overlay(target)
         if random_weights_if_missing and not (target / "models" / "model.pt").exists():
             random_weights(target, venv)
         if not (target / "models" / "model.pt").exists():
             print(f"[monailabel] warning: {target}/models/model.pt missing: MONAI Label will ignore {name} "
-                  "(train it with scripts/quickstart.py, or pass --random_weights)")
+                  "(run bash scripts/quickstart.sh and serve with --cpu_demo, or pass --random_weights)")
     return str(app)
 
 
@@ -343,8 +369,12 @@ def serve(
     port: int = 8000,
     venv: str = str(DEFAULT_VENV),
     detach: bool = False,
+    labelled: str = "ct",
 ) -> None:
     """Build the app, write phantom studies unless ``--studies_dir`` is given, start the server and wait.
+
+    MONAI Label trains on every labelled study of its datastore, so the phantom studies carry the labels of one
+    modality at a time: ``labelled="ct"`` (default) for a CEDS training round, ``"liver"`` for a CdUgJL one.
 
     Prints the URL and PID. Without ``--detach`` it waits until Ctrl-C and then stops the server; with
     ``--detach`` it returns and ``python scripts/monailabel_server.py stop --work_dir <work_dir>`` stops it.
@@ -352,10 +382,12 @@ def serve(
     app = build_app(work_dir, bundles, link=link, cpu_demo=cpu_demo, random_weights_if_missing=random_weights,
                     venv=venv)
     if studies_dir is None:
-        studies_dir = studies(work_dir, labelled="ct")
+        studies_dir = studies(work_dir, labelled=labelled)
     served = [b for b in _as_list(bundles) if (Path(app) / "model" / b / "models" / "model.pt").exists()]
     if not served:
-        raise FileNotFoundError("no bundle has models/model.pt: run scripts/quickstart.py or pass --random_weights")
+        raise FileNotFoundError(f"no bundle has weights: neither bundles/<name>/models/model.pt nor, with --cpu_demo, "
+                                f"the quick start's {QUICKSTART_DIR}/<name>/models/model.pt exists; run bash "
+                                "scripts/quickstart.sh and serve with --cpu_demo, or pass --random_weights")
     info = start(app, studies_dir, served, host=host, port=port, work_dir=work_dir, venv=venv)
     print(f"MONAI Label at {info['url']} (pid {info['pid']}, log {info['log']}), models: {', '.join(served)}")
     if detach:

@@ -100,9 +100,26 @@ def test_region_map_and_teacher_regions(distillation):
     alpha = torch.ones(1, 2, 2, 2)
     alpha[0, 1, 0, 0] = 20  # confident tumour
     alpha[0, 0, 0, 1] = 20  # confident background
-    # [1, 1] and [1, 0] stay uncertain (u = 1)
-    teacher = distillation.teacher_region_map(alpha, max_uncertainty=0.5)
+    alpha[0, 1, 1, 0] = 3  # less confident tumour
+    alpha[0, 0, 1, 1] = 3  # less confident background
+    teacher = distillation.teacher_region_map(alpha, kept_fraction=0.5)  # the more confident half of each class
     assert teacher[0].tolist() == [[distillation.TUMOUR, distillation.BACKGROUND], [-1, -1]]
+    every = distillation.teacher_region_map(alpha, kept_fraction=1.0)
+    assert every[0].tolist() == [[distillation.TUMOUR, distillation.BACKGROUND]] * 2
+
+
+def test_teacher_region_map_gates_a_confident_teacher(distillation):
+    """A teacher with evidence everywhere (``K / S`` below 0.5 at every voxel, as trained teachers are) still has its
+    least confident voxels of each class removed: the gate does not depend on the scale of the evidence."""
+    torch.manual_seed(0)
+    evidence = torch.rand(2, 2, 16, 16) * 50 + 5  # S >= 10: K / S <= 0.2
+    regions = distillation.teacher_region_map(evidence, kept_fraction=0.9)
+    for cls, region in ((0, distillation.BACKGROUND), (1, distillation.TUMOUR)):
+        predicted = evidence.argmax(1) == cls
+        ignored = (regions == -1) & predicted
+        assert 0.05 < ignored.sum() / predicted.sum() <= 0.11
+        uncertainty = 2 / evidence.sum(1)
+        assert uncertainty[ignored].min() >= uncertainty[predicted & (regions == region)].max()  # the least confident
 
 
 def test_region_embeddings_average_features(distillation):
@@ -143,18 +160,42 @@ def _region_batch():
     return features, regions
 
 
-@pytest.mark.parametrize("embed_dim", [0, 8])
-def test_swapping_regions_raises_the_contrastive_loss(distillation, embed_dim):
+def test_contrast_head_cannot_empty_the_term(distillation):
+    """The keys are the teacher's own region embeddings: training the student's head alone cannot push the loss
+    below the floor their geometry sets (a head shared by both sides took the same batch to 1e-5 in 50 steps), and
+    no parameter of the module acts on the teacher's side."""
+    torch.manual_seed(0)
+    regions = torch.zeros(8, 16, 16, dtype=torch.long)
+    regions[:, 4:12, 4:12] = 1
+    regions[:, 6:10, 6:10] = 2
+    base = torch.randn(32)
+    directions = torch.stack([base + 0.35 * torch.randn(32) for _ in range(3)])  # regions the teacher barely tells apart
+    teacher = sum((regions[:, None] == r) * directions[r][None, :, None, None] for r in range(3)).float()
+    teacher = teacher + 0.05 * torch.randn_like(teacher)
+    student = teacher + 0.5 * torch.randn_like(teacher)
+    loss = distillation.RegionContrastiveLoss(32, stage=0, embed_dim=64)
+    assert all(name.startswith("student_head") for name, _ in loss.named_parameters())
+    optimiser = torch.optim.Adam(loss.parameters(), 1e-3)
+    for _ in range(200):
+        value = loss([student], [teacher], regions)
+        optimiser.zero_grad()
+        value.backward()
+        optimiser.step()
+    assert value.item() > 0.01
+    with pytest.raises(ValueError, match="equal widths"):
+        distillation.RegionContrastiveLoss(32, 16, embed_dim=0)
+
+
+def test_swapping_regions_raises_the_contrastive_loss(distillation):
     torch.manual_seed(0)
     features, regions = _region_batch()
-    loss = distillation.RegionContrastiveLoss(3, stage=0, embed_dim=embed_dim, temperature=0.1)
+    loss = distillation.RegionContrastiveLoss(3, stage=0, embed_dim=0, temperature=0.1)
     right = loss([features], [features], regions)
     swapped_regions = regions.clone()
     swapped_regions[regions == 1], swapped_regions[regions == 2] = 2, 1  # tumour <-> liver for the student
     wrong = loss([features], [features], swapped_regions, regions)
     assert wrong.item() > right.item() + 0.1
-    if embed_dim == 0:
-        assert right.item() < 0.01
+    assert right.item() < 0.01
 
 
 def test_contrast_pools_downsampled_features(distillation):

@@ -8,9 +8,9 @@ correspond voxel by voxel. Three kinds of terms, each with its own weight in ``c
   attention maps ``A(F) = mean_c F_c^2`` (Zagoruyko & Komodakis, ICLR 2017) of teacher and student are matched, and
   (b) projected features: a trainable 1x1 convolution maps the student features to the teacher's, and the
   channel-normalised maps are matched per position;
-* :class:`RegionContrastiveLoss`: embeddings pooled over regions (background, liver, tumour) of the student's and
-  the teacher's features, with an InfoNCE loss whose positives are the same region across the two networks and
-  whose negatives are different regions (:func:`region_info_nce`);
+* :class:`RegionContrastiveLoss`: embeddings pooled over regions (background, liver, tumour) of the student's
+  features (through a trainable head) and the teacher's, with an InfoNCE loss whose positives are the same region
+  across the two networks and whose negatives are different regions (:func:`region_info_nce`);
 * :class:`DirichletKLLoss`: ``KL(Dir(alpha_teacher) || Dir(alpha_student))`` per voxel (:func:`dirichlet_kl`).
 
 :class:`FrozenTeacher` (:func:`load_teacher`) holds the frozen teacher; :func:`region_map` and
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .consistency import uncertainty_mask
 
 __all__ = [
     "DirichletKLLoss",
@@ -312,24 +314,28 @@ def region_map(label: torch.Tensor, organs: torch.Tensor | None = None, liver_la
     return regions
 
 
-def teacher_region_map(teacher_alpha: torch.Tensor, max_uncertainty: float = 0.5) -> torch.Tensor:
+def teacher_region_map(teacher_alpha: torch.Tensor, kept_fraction: float = 0.9) -> torch.Tensor:
     """Region ids of unlabelled slices from the teacher's confident prediction.
 
     The teacher segments tumour vs. background only, so the regions are ``TUMOUR`` (2, argmax tumour) and
-    ``BACKGROUND`` (0, argmax background: every non-tumour tissue, liver included); voxels whose teacher uncertainty
-    ``K / S`` is at least ``max_uncertainty`` are ``IGNORE`` (-1).
+    ``BACKGROUND`` (0, argmax background: every non-tumour tissue, liver included). Of each predicted class the
+    ``kept_fraction`` of voxels with the lowest teacher uncertainty ``K / S`` keep their region, the rest are
+    ``IGNORE`` (-1) (:func:`scripts.consistency.uncertainty_mask`, the rule of the consistency mask). A fixed
+    threshold on ``K / S`` does not gate a calibrated teacher: on 12 unlabelled phantom volumes no voxel of a trained
+    teacher reached ``K / S = 0.5`` (largest 0.49), not even among the 10 289 it got wrong, while the 10 % most
+    uncertain of each predicted class held 32 % of its wrong tumour voxels and 61 % of its wrong background voxels
+    (``scripts/teacher_regions.py``; ``docs/benchmarks.md``, *Teacher-region gating*).
 
     Args:
         teacher_alpha: ``[B, K, *spatial]`` teacher concentrations (class 0 background, classes >= 1 tumour).
-        max_uncertainty: the confidence threshold on ``K / S``.
+        kept_fraction: in ``(0, 1]``, the fraction of each predicted class that keeps its region.
 
     Returns:
         ``[B, *spatial]`` long region ids.
     """
-    strength = teacher_alpha.sum(1)
-    uncertainty = teacher_alpha.shape[1] / strength
     regions = torch.where(teacher_alpha.argmax(1) > 0, TUMOUR, BACKGROUND)
-    return torch.where(uncertainty < max_uncertainty, regions, torch.full_like(regions, IGNORE))
+    kept = uncertainty_mask(teacher_alpha, kept_fraction)[:, 0] > 0
+    return torch.where(kept, regions, torch.full_like(regions, IGNORE))
 
 
 def region_embeddings(
@@ -393,18 +399,23 @@ def region_info_nce(
 class RegionContrastiveLoss(nn.Module):
     """Region-level contrast between student and teacher features (symmetric InfoNCE of :func:`region_info_nce`).
 
-    The features of one stage are pooled over the regions of every slice (:func:`region_embeddings`), passed
-    through a trainable projection head (a 2-layer MLP, as the authors' ``FeatureProjector``; the teacher's features
-    are detached) and contrasted: the anchors are the student's (sample, region) embeddings, the keys the
-    teacher's, and the loss is the mean of the student->teacher and teacher->student terms. When both networks have
-    the same width the head is shared, so identical features give identical embeddings from the start; otherwise
-    each network has its own head.
+    The features of one stage are pooled over the regions of every slice (:func:`region_embeddings`). The student's
+    region embeddings pass through a trainable projection head (a 2-layer MLP, as the authors' ``FeatureProjector``)
+    into the teacher's feature space; the teacher's pooled features are the keys as they are (detached, no head).
+    The anchors are the student's (sample, region) embeddings, the keys the teacher's, and the loss is the mean of
+    the student->teacher and teacher->student terms.
+
+    Keys without a trainable head are what keeps the term informative: a head shared by both sides (this bundle
+    before 0.6.0) could separate the regions of both networks by itself, and the term fell from 1.6 to 1e-4 within
+    150 iterations, after which it carried nothing to the student. With fixed keys the loss is bounded below by how
+    far apart the teacher's own region embeddings are, and it is minimal only where the student's projected regions
+    point as the teacher's do.
 
     Args:
         student_channels: width of the student's features at ``stage``.
-        teacher_channels: width of the teacher's (default: the student's).
+        teacher_channels: width of the teacher's (default: the student's); the head's output width.
         stage: index into the ``features`` lists (MEAMT-Net: 2 = H/4).
-        embed_dim: output width of the projection heads (0: no heads, the pooled features are contrasted).
+        embed_dim: hidden width of the student's projection head (0: no head, which needs equal widths).
         temperature: InfoNCE temperature (authors: 0.07).
         num_regions: number of region ids (3: background, liver, tumour).
         min_voxels: least full-resolution voxels of a valid region.
@@ -422,14 +433,14 @@ class RegionContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         teacher_channels = student_channels if teacher_channels is None else teacher_channels
-
-        def head(width: int) -> nn.Module:
-            if embed_dim <= 0:
-                return nn.Identity()
-            return nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim))
-
-        self.student_head = head(student_channels)
-        self.teacher_head = self.student_head if teacher_channels == student_channels else head(teacher_channels)
+        if embed_dim <= 0:
+            if teacher_channels != student_channels:
+                raise ValueError(f"embed_dim 0 (no head) needs equal widths, got {student_channels} (student) and "
+                                 f"{teacher_channels} (teacher).")
+            self.student_head: nn.Module = nn.Identity()
+        else:
+            self.student_head = nn.Sequential(nn.Linear(student_channels, embed_dim), nn.ReLU(inplace=True),
+                                              nn.Linear(embed_dim, teacher_channels))
         self.stage = stage
         self.temperature = temperature
         self.num_regions = num_regions
@@ -462,7 +473,7 @@ class RegionContrastiveLoss(nn.Module):
         ids = torch.arange(self.num_regions, device=s.device).expand_as(valid)[valid]
         if ids.numel() < 2:
             return s.sum() * 0.0
-        s_z, t_z = self.student_head(s_emb[valid]), self.teacher_head(t_emb[valid].to(s_emb))
+        s_z, t_z = self.student_head(s_emb[valid]), t_emb[valid].to(s_emb)
         return 0.5 * (
             region_info_nce(s_z, t_z, ids, self.temperature) + region_info_nce(t_z, s_z, ids, self.temperature)
         )

@@ -146,8 +146,8 @@ class CdUgJLLoss(MultiTaskLoss):
     * ``distill_kl`` (the same slices): :class:`scripts.distillation.DirichletKLLoss`, ``KL(teacher || student)``;
     * ``contrast``: :class:`scripts.distillation.RegionContrastiveLoss`, computed separately for labelled slices
       (regions from the label, and the liver from ``"organs"`` when present: :func:`scripts.distillation.region_map`)
-      and unlabelled slices (regions from the teacher's confident prediction:
-      :func:`scripts.distillation.teacher_region_map`), then averaged;
+      and unlabelled slices (regions from the teacher's prediction, the ``region_kept_fraction`` least uncertain
+      voxels of each predicted class: :func:`scripts.distillation.teacher_region_map`), then averaged;
     * ``consistency`` (unlabelled slices): :class:`scripts.consistency.UncertaintyConsistencyLoss` against the EMA
       on the weak view, masked to the ``kept_fraction(t, consistency_rampup, kept_fraction_start)`` least uncertain
       voxels of each class the EMA predicts, and weighted by ``consistency_weight * sigmoid_rampup(t,
@@ -169,7 +169,8 @@ class CdUgJLLoss(MultiTaskLoss):
         consistency_rampup: length of the consistency weight and kept-fraction ramps, as a fraction of the run.
         kept_fraction_start: the fraction of voxels the consistency mask keeps at the start of the ramp (as UA-MT's
             0.75 of the maximum entropy).
-        region_max_uncertainty: teacher uncertainty below which unlabelled voxels get a region.
+        region_kept_fraction: the fraction of each class the teacher predicts on unlabelled slices that gets a region
+            (the least uncertain ones).
     """
 
     def __init__(
@@ -189,7 +190,7 @@ class CdUgJLLoss(MultiTaskLoss):
         consistency_weight: float = 0.0,
         consistency_rampup: float = 0.0,
         kept_fraction_start: float = 0.75,
-        region_max_uncertainty: float = 0.5,
+        region_kept_fraction: float = 0.9,
     ) -> None:
         super().__init__(seg_loss, quant_loss, seg_weight, quant_weight, edge_weight)
         if (attention_weight or feature_weight) and distillation is None:
@@ -207,7 +208,7 @@ class CdUgJLLoss(MultiTaskLoss):
         self.consistency_weight = consistency_weight
         self.consistency_rampup = consistency_rampup
         self.kept_fraction_start = kept_fraction_start
-        self.region_max_uncertainty = region_max_uncertainty
+        self.region_kept_fraction = region_kept_fraction
 
     def _contrast(
         self,
@@ -221,7 +222,7 @@ class CdUgJLLoss(MultiTaskLoss):
             if labelled and i == 0:
                 regions = region_map(targets["label"], targets.get("organs"))
             else:
-                regions = teacher_region_map(teacher["alpha"], self.region_max_uncertainty)
+                regions = teacher_region_map(teacher["alpha"], self.region_kept_fraction)
             values.append(self.contrast(student["features"], teacher["features"], regions))  # type: ignore[misc]
         return values
 

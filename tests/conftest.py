@@ -45,6 +45,31 @@ def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env:
     return proc
 
 
+_BUNDLE_FILES = pytest.StashKey[set]()
+
+
+def _bundle_files() -> set[str]:
+    """Every file under ``bundles/`` except Python caches, relative to the repository."""
+    return {str(p.relative_to(REPO)) for p in BUNDLES.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BUNDLE_FILES] = _bundle_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a test (a bundle run, a repository tool) left a file inside a bundle folder: every run's
+    outputs belong under its own output folder, since a bundle is what users download and MONAI Label serves."""
+    before = session.config.stash.get(_BUNDLE_FILES, None)
+    if before is None:
+        return
+    new = sorted(_bundle_files() - before)
+    if new:
+        pytest.exit(f"tests left {len(new)} file(s) inside bundles/: {', '.join(new[:10])}",
+                    returncode=pytest.ExitCode.TESTS_FAILED)
+
+
+
 def _phantom_dataset(tmp_path_factory, generator: str, **kwargs) -> Path:
     """Generate a tiny phantom dataset with ``phantoms.<generator>`` plus its 20 % and 100 % datalists."""
     import phantoms

@@ -326,12 +326,24 @@ def _gather_outputs(staging: Path, case: str, partial: Path) -> dict[str, str]:
     return outputs
 
 
-def _doubt_map(partial: Path, outputs: dict[str, str]) -> tuple[np.ndarray | None, str]:
-    if "uncertainty" in outputs:
-        return np.asarray(nib.load(partial / outputs["uncertainty"]).dataobj, dtype=np.float32), "uncertainty"
-    if "confidence" in outputs:
-        return 1.0 - np.asarray(nib.load(partial / outputs["confidence"]).dataobj, dtype=np.float32), "1 - confidence"
-    return None, ""
+def doubt_map(meta: dict) -> tuple[str, bool] | None:
+    """The bundle's voxel map of doubt, from its ``metadata.json`` ``quality_control.doubt_map``: the output's name
+    (``<case>_<name>.nii.gz``) and whether it must be flipped (``"doubt": "1 - value"``, a confidence) to read as
+    doubt; ``None`` when the bundle writes none."""
+    spec = meta.get("quality_control", {}).get("doubt_map")
+    if not spec:
+        return None
+    if spec["doubt"] not in ("value", "1 - value"):
+        raise ValueError(f"quality_control.doubt_map.doubt must be 'value' or '1 - value', got {spec['doubt']!r}")
+    return spec["output"], spec["doubt"] == "1 - value"
+
+
+def _doubt_map(partial: Path, outputs: dict[str, str], spec: tuple[str, bool] | None) -> tuple[np.ndarray | None, str]:
+    if spec is None or spec[0] not in outputs:
+        return None, ""
+    name, flip = spec
+    values = np.asarray(nib.load(partial / outputs[name]).dataobj, dtype=np.float32)
+    return (1.0 - values, f"1 - {name}") if flip else (values, name)
 
 
 def _first_channel(paths: str | list[str]) -> np.ndarray:
@@ -341,7 +353,7 @@ def _first_channel(paths: str | list[str]) -> np.ndarray:
 
 
 def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: float | None, png: bool,
-             made_by: dict[str, Any]) -> dict[str, Any]:
+             made_by: dict[str, Any], doubt_spec: tuple[str, bool] | None) -> dict[str, Any]:
     """Run one validated case into ``.partial-<case>`` and move it into place; returns its ``done.json``."""
     case = record["case"]
     staging, partial, final = out_dir / STAGING, out_dir / f".partial-{case}", out_dir / case
@@ -352,7 +364,7 @@ def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: fl
     runner(record)
     outputs = _gather_outputs(staging, case, partial)
     mask = np.asarray(nib.load(partial / outputs["seg"]).dataobj)
-    doubt, doubt_name = _doubt_map(partial, outputs)
+    doubt, doubt_name = _doubt_map(partial, outputs, doubt_spec)
     report = json.loads((partial / outputs["quantification"]).read_text()) if "quantification" in outputs else {}
     qc = quality_check(mask, doubt, qc_threshold, report.get("implausible", ()))
     if png:
@@ -456,7 +468,7 @@ def run_batch(
             check_case(record, modalities=channels, modality=modality)
             if runner is None:
                 runner = _build_runner(bundle_path, out, record, options)
-            done = _process(runner, record, out, qc_threshold, options.png, made_by)
+            done = _process(runner, record, out, qc_threshold, options.png, made_by, doubt_map(meta))
             row.update(status="done", outputs=done["outputs"], needs_review=done["qc"]["needs_review"],
                        qc_reason=done["qc"]["reason"], qc=done["qc"])
         except InputError as e:

@@ -24,6 +24,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import batch_infer
 import benchmark_accuracy as ba
 import case_figure
 import fire
@@ -438,7 +439,8 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 100, seed: int =
                              {"data": [{"image": r["image"]} for r in records], "checkpoint": ckpt,
                               "output_dir": pred_dir, "device": "cpu", **network})
         ba._run_logged(cmd, run_dir / "figure.log", threads=2)
-        second = "uncertainty" if bundle == "cdugjl_liver" else "confidence"
+        second = batch_infer.doubt_map(json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json")
+                                                  .read_text()))[0]
         for record, case in zip(records, test):
             image_file = record["image"][0] if isinstance(record["image"], list) else record["image"]
             name = case.get("case", Path(image_file).name.split(".")[0])  # outputs are named by case

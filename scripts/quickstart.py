@@ -25,6 +25,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
+import batch_infer
 import case_figure
 import phantoms
 
@@ -70,7 +71,7 @@ def _held_out_case(datalist: Path) -> dict:
 
 def _figure(bundle: str, case: dict, data_dir: Path, inference_dir: Path, out_dir: Path) -> Path:
     """``<out_dir>/<bundle>.png``: the held-out case's image, ground truth, prediction and uncertainty/confidence."""
-    second = "uncertainty" if bundle == "cdugjl_liver" else "confidence"
+    second = batch_infer.doubt_map(json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text()))[0]
     image = _abs(case, data_dir, "image")
     name = case["case"]
     panel = case_figure.case_panel(

@@ -89,6 +89,11 @@ def test_quality_check():
         (BUNDLES / b / "configs" / "metadata.json").read_text())) for b in (CT, LIVER)}
     assert (defaults[LIVER].qc_threshold, defaults[CT].qc_threshold) == (0.134, None)
     assert (defaults[LIVER].modality_suffixes, defaults[CT].modality_suffixes) == (("_t2w", "_dwi"), ())
+    # and which output is the doubt map (tools read it there instead of branching on the bundle's name)
+    metas = {b: json.loads((BUNDLES / b / "configs" / "metadata.json").read_text()) for b in (CT, LIVER)}
+    assert batch_infer.doubt_map(metas[LIVER]) == ("uncertainty", False)
+    assert batch_infer.doubt_map(metas[CT]) == ("confidence", True)
+    assert batch_infer.doubt_map({}) is None
 
 
 def test_inference_names_cases_with_the_suffixes_of_its_metadata():
@@ -227,11 +232,11 @@ def test_failing_case_leaves_nothing_half_written(ct_data, ct_model, tmp_path, m
     staging or partial folder behind, and the next case runs."""
     real = batch_infer.quality_check
 
-    def fail_on_second(mask, doubt, threshold):
+    def fail_on_second(*args):
         fail_on_second.calls += 1
         if fail_on_second.calls == 2:
             raise RuntimeError("disk full (simulated)")
-        return real(mask, doubt, threshold)
+        return real(*args)
 
     fail_on_second.calls = 0
     monkeypatch.setattr(batch_infer, "quality_check", fail_on_second)

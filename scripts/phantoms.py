@@ -403,16 +403,9 @@ def liver_case(
         weights = np.array([LESION_WEIGHTS[t] for t in lesion_types])
         kind = str(rng.choice(list(lesion_types), p=weights / weights.sum()))
         factor = _uniform(rng, conspicuity)
-        r = _uniform(rng, lesion_radius)
-        radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
-        depth = max(1, int(r * size / 4))  # keep the centre away from the liver surface
-        centre_region = ndimage.binary_erosion(liver_core, np.ones((3, 3, 1), bool), iterations=depth)
-        candidates = np.argwhere(centre_region if centre_region.any() else liver_core)
-        if len(candidates) == 0:
+        rho = _random_blob(rng, grid, liver_core, lesion_radius, size, anywhere_if_too_small=True)
+        if rho is None:
             break
-        centre_vox = candidates[rng.integers(len(candidates))]
-        centre = [float(grid[a].reshape(-1)[centre_vox[a]]) for a in range(3)]
-        rho = blob(grid, centre, radii, rng, roughness=rng.uniform(0.15, 0.35))
         mask = (rho < 1.0) & liver_core
         if not mask.any():
             continue
@@ -456,6 +449,37 @@ def liver_case(
             "mimics": [m[2] for m in mimics]}
 
 
+def _random_blob(
+    rng: np.random.Generator,
+    grid: Grid,
+    region: np.ndarray,
+    lesion_radius: Sequence[float],
+    size: int,
+    anywhere_if_too_small: bool = False,
+) -> np.ndarray | None:
+    """Normalised radius map of an irregular blob (a lesion or a mimic) centred in ``region``.
+
+    The radius is drawn from ``lesion_radius`` (z twice the in-plane radius, each axis jittered by 0.8-1.2) and the
+    centre from the voxels of ``region`` at least about a quarter of the radius away from its border; with
+    ``anywhere_if_too_small``, from all of ``region`` when no voxel is that deep.
+
+    Returns:
+        the ``blob`` map (``< 1`` inside), or ``None`` when ``region`` has no voxel to centre it on.
+    """
+    r = _uniform(rng, lesion_radius)
+    radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
+    depth = max(1, int(r * size / 4))  # keep the centre away from the region's surface
+    centre_region = ndimage.binary_erosion(region, np.ones((3, 3, 1), bool), iterations=depth)
+    if anywhere_if_too_small and not centre_region.any():
+        centre_region = region
+    candidates = np.argwhere(centre_region)
+    if len(candidates) == 0:
+        return None
+    centre_vox = candidates[rng.integers(len(candidates))]
+    centre = [float(grid[a].reshape(-1)[centre_vox[a]]) for a in range(3)]
+    return blob(grid, centre, radii, rng, roughness=rng.uniform(0.15, 0.35))
+
+
 def _mimics(
     rng: np.random.Generator,
     grid: Grid,
@@ -478,16 +502,9 @@ def _mimics(
     for _ in range(int(rng.integers(max_mimics + 1)) if max_mimics > 0 else 0):
         kind = str(rng.choice(list(kinds))) if len(kinds) > 1 else kinds[0]
         factor = _uniform(rng, conspicuity)
-        r = _uniform(rng, lesion_radius)
-        radii = (r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), 2.0 * r * rng.uniform(0.8, 1.2))
-        depth = max(1, int(r * size / 4))
-        centre_region = ndimage.binary_erosion(allowed, np.ones((3, 3, 1), bool), iterations=depth)
-        candidates = np.argwhere(centre_region)
-        if len(candidates) == 0:
+        rho = _random_blob(rng, grid, allowed, lesion_radius, size)
+        if rho is None:
             break
-        centre_vox = candidates[rng.integers(len(candidates))]
-        centre = [float(grid[a].reshape(-1)[centre_vox[a]]) for a in range(3)]
-        rho = blob(grid, centre, radii, rng, roughness=rng.uniform(0.15, 0.35))
         mask = (rho < 1.0) & allowed
         if mask.any():
             out.append((mask, rho[mask], kind, factor))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import fire
 import nibabel as nib
@@ -121,6 +122,37 @@ def regenerate(record: dict, generator: dict) -> dict:
     return data
 
 
+def load_network(checkpoint: str, overlay: str | None = "configs/cpu_demo.json", teacher: bool = False,
+                 padding_mode: str | None = None) -> tuple[torch.nn.Module, Any, list[float], str]:
+    """The bundle's network with ``checkpoint`` loaded (eval mode), its slice-wise inferer, the ``Spacingd`` pixdim
+    (in-plane ``pixdim``, slices kept) and the key of its input, as ``inference.json`` (plus ``overlay``) builds them.
+
+    Args:
+        checkpoint: a ``model.pt`` state dict or a training checkpoint holding it under ``"model"``.
+        overlay: a config overlay relative to the bundle (``None``: the bundle's defaults).
+        teacher: build the contrast-enhanced teacher (``train_teacher.json``'s ``in_channels`` and ``image_key``).
+        padding_mode: the inferer's slice padding; ``None``: its configured default.
+    """
+    from monai.bundle import ConfigParser
+
+    use_bundle(BUNDLE)  # the config's networks are scripts.networks.*, as in the bundle's initialize
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.json"), *([str(BUNDLE / overlay)] if overlay else [])])
+    parser["bundle_root"] = str(BUNDLE)
+    input_key = "image"
+    if teacher:
+        teacher_config = ConfigParser.load_config_file(str(BUNDLE / "configs" / "train_teacher.json"))
+        parser["in_channels"] = teacher_config["in_channels"]
+        input_key = teacher_config["image_key"]
+    if padding_mode is not None:
+        parser["inferer"]["padding_mode"] = padding_mode
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("model", state))
+    network.eval()
+    return network, parser.get_parsed_content("inferer"), list(parser.get_parsed_content("pixdim")) + [-1.0], input_key
+
+
 def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str | None = "configs/cpu_demo.json",
          teacher: bool = False, padding_mode: str | None = None, air_filter: int = 3, out: str | None = None) -> None:
     """Per-case, per-lesion and pooled voxel errors of ``checkpoint`` on ``split`` of ``datalist``.
@@ -147,12 +179,10 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
         Dice and, per lesion type, ``count``, ``mean_fraction_detected``, ``mean_dice`` (over lesions that kept
         voxels), ``voxels`` and ``detected``.
     """
-    from monai.bundle import ConfigParser
     from monai.data import MetaTensor
     from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
                                   Spacingd)
 
-    use_bundle(BUNDLE)  # the config's networks are scripts.networks.*, as in the bundle's initialize
     load_datalist = bundle_module(BUNDLE, "datalist").load_datalist
     dataset_json = Path(datalist).resolve().parent / "dataset.json"
     if not dataset_json.is_file() or "generator" not in json.loads(dataset_json.read_text()):
@@ -160,22 +190,7 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
                                 "to regenerate the lesions.")
     generator = json.loads(dataset_json.read_text())["generator"]
 
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "inference.json"), *([str(BUNDLE / overlay)] if overlay else [])])
-    parser["bundle_root"] = str(BUNDLE)
-    input_key = "image"
-    if teacher:
-        teacher_config = ConfigParser.load_config_file(str(BUNDLE / "configs" / "train_teacher.json"))
-        parser["in_channels"] = teacher_config["in_channels"]
-        input_key = teacher_config["image_key"]
-    if padding_mode is not None:
-        parser["inferer"]["padding_mode"] = padding_mode
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state))
-    network.eval()
-    inferer = parser.get_parsed_content("inferer")
-    pixdim = list(parser.get_parsed_content("pixdim")) + [-1.0]
+    network, inferer, pixdim, input_key = load_network(checkpoint, overlay, teacher, padding_mode)
 
     # "image" (T2WI + DWI) is always read: its first channel, not normalised, gives the air mask. The lesion masks
     # travel as key "lesions" (channel 0: the label), not "image_*"/"label_*", which monai 1.6 Spacingd takes for

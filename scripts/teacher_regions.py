@@ -24,10 +24,10 @@ from pathlib import Path
 import fire
 import torch
 
-from bundle_imports import bundle_module, use_bundle
+from bundle_imports import bundle_module
+from liver_errors import load_network
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "cdugjl_liver"
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cdugjl_liver"
 
 
 def main(checkpoint: str, datalist: str, cases: int = 12, kept_fraction: float = 0.9, max_uncertainty: float = 0.5,
@@ -49,36 +49,25 @@ def main(checkpoint: str, datalist: str, cases: int = 12, kept_fraction: float =
         "wrong", "threshold": {"removed", "wrong_removed"}, "kept_fraction": {...}}, "largest_uncertainty",
         "settings"}``.
     """
-    from monai.bundle import ConfigParser
     from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
                                   Spacingd)
 
-    use_bundle(BUNDLE)
+    network, inferer, pixdim, input_key = load_network(checkpoint, overlay, teacher=True)
     consistency = bundle_module(BUNDLE, "consistency")
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "inference.json"), *([str(BUNDLE / overlay)] if overlay else [])])
-    parser["bundle_root"] = str(BUNDLE)
-    parser["in_channels"] = ConfigParser.load_config_file(str(BUNDLE / "configs" / "train_teacher.json"))["in_channels"]
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state))
-    network.eval()
-    inferer = parser.get_parsed_content("inferer")
-    pixdim = list(parser.get_parsed_content("pixdim")) + [-1.0]
-    keys = ["ce", "label"]
+    keys = [input_key, "label"]
     preprocess = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, "RAS"),
                           Spacingd(keys, pixdim, mode=["bilinear", "nearest"]),
-                          NormalizeIntensityd("ce", channel_wise=True)])
+                          NormalizeIntensityd(input_key, channel_wise=True)])
 
     result: dict = {name: {"voxels": 0, "wrong": 0, "threshold": {"removed": 0, "wrong_removed": 0},
                            "kept_fraction": {"removed": 0, "wrong_removed": 0}} for name in ("tumour", "background")}
     largest = 0.0
     records = bundle_module(BUNDLE, "datalist").load_datalist(datalist, "unlabeled")[:cases]
     for record in records:
-        label_file = Path(record["ce"][0]).parent.parent / "labelsTr" / f"{record['case']}.nii.gz"
-        data = preprocess({"ce": record["ce"], "label": str(label_file)})
+        label_file = Path(record[input_key][0]).parent.parent / "labelsTr" / f"{record['case']}.nii.gz"
+        data = preprocess({input_key: record[input_key], "label": str(label_file)})
         with torch.no_grad():
-            alpha = inferer(data["ce"][None], network).as_tensor()  # [1, K, H, W, D]
+            alpha = inferer(data[input_key][None], network).as_tensor()  # [1, K, H, W, D]
         uncertainty = alpha.shape[1] / alpha.sum(1)[0]
         predicted = alpha.argmax(1)[0] > 0
         wrong = predicted != (data["label"][0] > 0.5)

@@ -107,3 +107,23 @@ def test_regeneration_must_match_the_label_file(liver_data):
         liver_errors.regenerate(record, {**generator, "seed": generator["seed"] + 1})
     with pytest.raises(ValueError, match="not liver_NNN"):
         liver_errors.regenerate({**record, "case": "patient_7"}, generator)
+
+
+def test_teacher_regions_counts(tmp_path, liver_data):
+    """``scripts/teacher_regions.py`` (which loads its teacher with ``liver_errors.load_network``): a teacher that
+    calls every voxel tumour has every tumour-free voxel wrong, no background class, and confident evidence that
+    the ``K / S >= 0.5`` gate never removes."""
+    ckpt = _constant_model(tmp_path / "teacher.pt", tumour=True, in_channels=3)
+    out = tmp_path / "regions.json"
+    run_cmd([sys.executable, str(REPO / "scripts" / "teacher_regions.py"), "--checkpoint", str(ckpt),
+             "--datalist", str(liver_data / "datalist_20.json"), "--cases", "2", "--out", str(out)],
+            cwd=tmp_path, timeout=300)
+    result = json.loads(out.read_text())
+    tumour, background = result["tumour"], result["background"]
+    assert result["settings"]["cases"] == 2 and background["voxels"] == 0 and tumour["voxels"] > 0
+    labels = [np.asarray(nib.load(liver_data / "labelsTr" / f"{r['case']}.nii.gz").dataobj) for r in
+              json.loads((liver_data / "datalist_20.json").read_text())["unlabeled"][:2]]
+    assert 0 < tumour["wrong"] <= tumour["voxels"]
+    if any(label.any() for label in labels):  # the real tumour voxels are the ones it gets right
+        assert tumour["wrong"] < tumour["voxels"]
+    assert tumour["threshold"]["removed"] == 0 and result["largest_uncertainty"] < 0.5

@@ -196,6 +196,8 @@ def build_app(
             weights = served_weights(name, cpu_demo, weights_dir)
             if weights is not None:
                 shutil.copy2(weights, target / "models" / "model.pt")
+                if (weights.parent / "network.json").is_file():  # the architecture the weights were trained with
+                    shutil.copy2(weights.parent / "network.json", target / "models" / "network.json")
                 print(f"[monailabel] {name}: serving {weights}")
             if cpu_demo:
                 merge_overlay(target)

@@ -118,7 +118,7 @@ def test_overview_png_through_largest_lesion(tmp_path):
 
 def test_checkpoint_loading_is_weights_only():
     """Every ``torch.load`` in the bundles and repo scripts passes ``weights_only=True``; the configs load through
-    MONAI's ``CheckpointLoader``, which does too."""
+    MONAI's ``CheckpointLoader`` (or the bundles' subclass of it, which adds only an error message), which does too."""
     import inspect
 
     from monai.handlers import CheckpointLoader
@@ -129,8 +129,12 @@ def test_checkpoint_loading_is_weights_only():
             assert "weights_only=True" in call, f"{source}: torch.load({call}) without weights_only=True"
     for config in BUNDLES.glob("*/configs/*.json"):
         for target in re.findall(r'"_target_":\s*"([^"]*CheckpointLoader[^"]*)"', config.read_text()):
-            assert target in ("CheckpointLoader", "monai.handlers.CheckpointLoader"), f"{config}: {target}"
+            assert target in ("CheckpointLoader", "monai.handlers.CheckpointLoader",
+                              "scripts.architecture.ArchitectureCheckpointLoader"), f"{config}: {target}"
     assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)
+    for bundle in BUNDLES.iterdir():
+        subclass = (bundle / "scripts" / "architecture.py").read_text()
+        assert "class ArchitectureCheckpointLoader(CheckpointLoader)" in subclass and "super().__call__(engine)" in subclass
 
 
 @pytest.mark.integration

@@ -439,6 +439,7 @@ def run_batch(
     meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
     channels, modality = int(image.get("num_channels", 1)), image.get("modality")
+    rule = bundle_module(bundle_path, "modality")  # the rule the bundle's inference preprocessing applies too
     options = with_bundle_defaults(options, meta)
     records = bundle_cases(bundle_path, inputs, options)
     qc_threshold = options.qc_threshold
@@ -465,7 +466,7 @@ def run_batch(
                     rows.append(row)
                     continue
                 row["reason"] = f"recomputed: the earlier output was made with another {', '.join(changed)}"
-            check_case(record, modalities=channels, modality=modality)
+            check_case(record, modalities=channels, modality=modality, rule=rule)
             if runner is None:
                 runner = _build_runner(bundle_path, out, record, options)
             done = _process(runner, record, out, qc_threshold, options.png, made_by, doubt_map(meta))

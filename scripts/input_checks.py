@@ -9,7 +9,8 @@ in two stages so that nothing big is read before the cheap checks pass:
 2. voxel level (:func:`scan_voxels`): the voxel data are streamed from the file once, a slab of slices at a time
    (the NIfTI data are stored slice after slice along the last spatial axis), so that a truncated or corrupt file,
    NaN/Inf voxels or an all-constant image are found with memory bounded by one slab, not by the volume; the same
-   pass tells whether the intensities look like the model's modality (:func:`check_modality`: CT in HU has air).
+   pass tells whether the intensities look like the model's modality (:func:`check_modality`, with the bundle's own
+   rule, ``scripts/modality.py``, which its inference preprocessing applies too: CT in HU has air).
 
 :func:`check_case` combines them for one case (several modalities that must belong together, an optional label
 that must match the image and hold only 0/1); :func:`load_cases` reads a folder, a CSV file or a datalist JSON and
@@ -25,6 +26,7 @@ import os
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -48,10 +50,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CaseName = Callable[[str | Sequence[str], Sequence[str]], str]
 """A bundle's case-naming rule, ``case_name(image, modality_suffixes) -> case id`` (``scripts/case_meta.py``)."""
 
-AIR_HU = -500.0
-"""Below this a CT voxel in Hounsfield units is air or lung (about -1000 HU); an MR magnitude never gets there."""
-MR_MAX_AIR_FRACTION = 0.05
-"""An "MR" volume with at least this fraction of voxels below ``AIR_HU`` is taken for a CT."""
+ModalityRule = ModuleType
+"""A bundle's ``scripts/modality.py`` (loaded by path): ``AIR_HU`` and ``modality_problem(modality, air_fraction,
+minimum, maximum) -> problem or None``."""
 
 
 class InputError(ValueError):
@@ -100,7 +101,7 @@ class VoxelStats:
     values: frozenset | None
     """The distinct values (as read from disk, after scaling) when there are at most 16 of them, else ``None``."""
     air_fraction: float = 0.0
-    """The fraction of voxels below ``AIR_HU`` (after scaling): air in a CT in Hounsfield units."""
+    """The fraction of voxels below ``air_below`` of :func:`scan_voxels` (after scaling): air in a CT in HU."""
 
 
 def _is_nifti(path: str) -> bool:
@@ -170,7 +171,7 @@ def check_header(path: str | os.PathLike, channels: int | None = None) -> Header
     return HeaderInfo(path, shape, tuple(float(s) for s in spacing), affine, n_channels)  # type: ignore[arg-type]
 
 
-def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> VoxelStats:
+def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20, air_below: float = -np.inf) -> VoxelStats:
     """Stream the voxel data once, a slab of slices at a time, and check it is complete and finite.
 
     Memory is bounded by ``max_slab_bytes`` (plus one slice), whatever the image size; the whole volume is never
@@ -179,6 +180,8 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> Vo
     Args:
         path: a file that passed :func:`check_header`.
         max_slab_bytes: the most bytes read at a time.
+        air_below: the (scaled) intensity below which a voxel counts towards ``air_fraction`` (a bundle's
+            ``AIR_HU``).
 
     Returns:
         :class:`VoxelStats` of the (scaled) voxel values.
@@ -199,7 +202,7 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> Vo
     if not np.isfinite(slope) or not np.isfinite(inter):
         raise InputError(path, f"non-finite intensity scaling (scl_slope {slope}, scl_inter {inter})")
     low, high, values, air = np.inf, -np.inf, set(), 0
-    raw_air = (AIR_HU - inter) / slope if slope != 0 else np.inf  # AIR_HU before scaling: no scaled copy of a slab
+    raw_air = (air_below - inter) / slope if slope != 0 else np.inf  # before scaling: no scaled copy of a slab
     try:
         with nib.openers.ImageOpener(path, "rb") as stream:
             stream.seek(int(proxy.offset))
@@ -232,42 +235,35 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20) -> Vo
     return VoxelStats(ends[0], ends[1], scaled, air / max(int(np.prod(shape)), 1))
 
 
-def check_modality(path: str | os.PathLike, stats: VoxelStats, modality: str) -> None:
-    """Whether the intensities look like the modality the model was trained on (``metadata.json``).
-
-    A CT in Hounsfield units has air (about -1000 HU: outside the body, lungs, bowel); an MR magnitude image is not
-    negative, let alone at -1000. The rule is deliberately coarse: it catches a volume of the other modality, not
-    a poor scan.
+def check_modality(path: str | os.PathLike, stats: VoxelStats, modality: str, rule: ModalityRule) -> None:
+    """Whether the intensities look like the modality the model was trained on (``metadata.json``), by the bundle's
+    own rule (its ``scripts/modality.py``, which its inference preprocessing applies as well).
 
     Args:
         path: the file (for the message).
-        stats: its :func:`scan_voxels` summary.
+        stats: its :func:`scan_voxels` summary, with ``air_below=rule.AIR_HU``.
         modality: ``"CT"`` or ``"MR"`` (other modalities are not checked).
+        rule: the bundle's ``scripts/modality.py``.
 
     Raises:
-        InputError: a CT without any voxel below ``AIR_HU`` (an MR, or a CT rescaled out of Hounsfield units), or an
-            MR with at least ``MR_MAX_AIR_FRACTION`` of its voxels below ``AIR_HU`` (a CT).
+        InputError: the rule's problem (a CT without air, an MR with a CT's share of it).
     """
-    if modality.upper() == "CT" and stats.air_fraction == 0:
-        raise InputError(path, f"does not look like a CT in Hounsfield units: no voxel below {AIR_HU:g} HU (air), "
-                               f"intensities {stats.minimum:g} to {stats.maximum:g}; an MR volume, or a CT rescaled "
-                               "out of HU? This model expects CT in HU")
-    if modality.upper() == "MR" and stats.air_fraction >= MR_MAX_AIR_FRACTION:
-        raise InputError(path, f"looks like a CT in Hounsfield units, not an MR: {100 * stats.air_fraction:.0f} % of "
-                               f"the voxels are below {AIR_HU:g} (minimum {stats.minimum:g}); this model expects MR")
+    problem = rule.modality_problem(modality, stats.air_fraction, stats.minimum, stats.maximum)
+    if problem is not None:
+        raise InputError(path, problem)
 
 
 def check_image(path: str | os.PathLike, channels: int | None = None, scan: bool = True,
-                modality: str | None = None) -> HeaderInfo:
+                modality: str | None = None, rule: ModalityRule | None = None) -> HeaderInfo:
     """Header checks, then (``scan``) the streamed voxel checks including "not all constant" and, given a
-    ``modality``, :func:`check_modality`."""
+    ``modality`` and the bundle's ``rule``, :func:`check_modality`."""
     info = check_header(path, channels)
     if scan:
-        stats = scan_voxels(path)
+        stats = scan_voxels(path, air_below=rule.AIR_HU if rule is not None else -np.inf)
         if stats.minimum == stats.maximum:
             raise InputError(path, f"all voxels have the same value ({stats.minimum:g}); nothing to segment")
-        if modality:
-            check_modality(path, stats, modality)
+        if modality and rule is not None:
+            check_modality(path, stats, modality, rule)
     return info
 
 
@@ -318,14 +314,16 @@ def check_modalities(infos: Sequence[HeaderInfo], max_centre_shift_mm: float = 3
                                         f"({fov(ref_centre, ref_extent)}); these images cannot belong to the same case")
 
 
-def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: str | None = None) -> list[HeaderInfo]:
+def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: str | None = None,
+               rule: ModalityRule | None = None) -> list[HeaderInfo]:
     """Check one case record ``{"image": path or [paths], "label": path (optional)}``.
 
     Args:
         record: the case; ``image`` is one file (3D, or 4D with ``modalities`` channels) or ``modalities`` 3D files.
         modalities: the number of input channels the network expects.
         scan: also stream the voxels (NaN/Inf, all-constant, truncation, label values, and the ``modality``).
-        modality: the model's input modality (``"CT"``, ``"MR"``), checked by :func:`check_modality`.
+        modality: the model's input modality (``"CT"``, ``"MR"``), checked by :func:`check_modality` with ``rule``.
+        rule: the bundle's ``scripts/modality.py``.
 
     Returns:
         header info of each image file.
@@ -348,7 +346,7 @@ def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: s
         check_modalities(infos)
     if scan:
         for p in images:
-            check_image(p, channels=modalities if len(images) == 1 else None, modality=modality)
+            check_image(p, channels=modalities if len(images) == 1 else None, modality=modality, rule=rule)
     if record.get("label"):
         check_label(record["label"], infos[0], scan=scan)
     return infos

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -228,6 +229,30 @@ def test_each_bundle_refuses_the_other_modality(ct_data, liver_data, ct_model, l
         row = summary["cases"][0]
         assert row["status"] == "invalid" and reason in row["reason"], row
         assert summary["counts"]["invalid"] == 1 and not (out / record["case"]).exists()
+
+
+@pytest.mark.parametrize("bundle", [CT, LIVER])
+def test_bundle_inference_refuses_the_other_modality(bundle, ct_data, liver_data, ct_model, liver_model, tmp_path):
+    """The same rule inside each bundle's ``inference.json`` (the route of ``python -m monai.bundle run`` and MONAI
+    Label, which skip batch_infer's checks): the run stops with the file and the problem, and writes no mask."""
+    from monai.bundle import ConfigWorkflow
+
+    ct = str(ct_data / "imagesTr" / "ct_000.nii.gz")
+    mr = str(liver_data / "imagesTr" / "liver_000_t2w.nii.gz")
+    record, model, reason = {
+        LIVER: ({"image": [ct, ct]}, liver_model, f"{ct}, channel 0 (T2WI): looks like a CT in Hounsfield units"),
+        CT: ({"image": mr}, ct_model, f"{mr}: does not look like a CT in Hounsfield units"),
+    }[bundle]
+    use_bundle(bundle)
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLES / bundle / "configs" / "inference.json"), str(BUNDLES / bundle / OVERLAY)],
+        workflow_type="infer", bundle_root=str(BUNDLES / bundle), checkpoint=str(model), data=[record],
+        output_dir=str(tmp_path / "eval"), device="cpu", num_workers=0)
+    workflow.initialize()
+    with pytest.raises(Exception) as error:
+        workflow.run()
+    assert reason in "".join(traceback.format_exception(error.value))
+    assert not list(tmp_path.rglob("*.nii.gz"))
 
 
 @pytest.mark.integration

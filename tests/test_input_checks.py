@@ -296,23 +296,42 @@ def test_case_sources(tmp_path):
     assert load_cases(datalist, modality_suffixes=("_t2w",))[0]["case"] == "p2"
 
 
-def test_modality_plausibility(tmp_path):
-    """A CT in HU has air; an MR magnitude is never near -1000. Each is refused by a model of the other modality."""
+@pytest.mark.parametrize("bundle", ["ceds_mediastinum", "cdugjl_liver"])
+def test_modality_plausibility(bundle, tmp_path):
+    """A CT in HU has air; an MR magnitude is never near -1000. Each is refused by a model of the other modality,
+    with the bundle's own rule (``scripts/modality.py``), on the streamed pass."""
+    rule = bundle_module(bundle, "modality")
     ct = np.full((16, 16, 8), -1000.0, np.float32)  # air around a body of soft tissue and bone
     ct[4:12, 4:12] = np.random.default_rng(0).normal(40.0, 20.0, (8, 8, 8))
     ct[7:9, 7:9] = 700.0
     mr = np.abs(np.random.default_rng(1).normal(300.0, 100.0, (16, 16, 8))).astype(np.float32)
     ct_path, mr_path = _write(tmp_path / "ct.nii.gz", ct), _write(tmp_path / "mr.nii.gz", mr)
-    assert ic.scan_voxels(ct_path).air_fraction == pytest.approx(1 - 8 * 8 * 8 / ct.size)
-    assert ic.scan_voxels(mr_path).air_fraction == 0.0
-    ic.check_image(ct_path, modality="CT")
-    ic.check_image(mr_path, modality="MR")
-    _expect(ct_path, "looks like a CT in Hounsfield units, not an MR: 75 %", ic.check_image, ct_path, modality="MR")
+    assert ic.scan_voxels(ct_path, air_below=rule.AIR_HU).air_fraction == pytest.approx(1 - 8 * 8 * 8 / ct.size)
+    assert ic.scan_voxels(mr_path, air_below=rule.AIR_HU).air_fraction == 0.0
+    ic.check_image(ct_path, modality="CT", rule=rule)
+    ic.check_image(mr_path, modality="MR", rule=rule)
+    _expect(ct_path, "looks like a CT in Hounsfield units, not an MR: 75 %", ic.check_image, ct_path, modality="MR",
+            rule=rule)
     _expect(mr_path, "does not look like a CT in Hounsfield units: no voxel below -500", ic.check_image, mr_path,
-            modality="CT")
-    ic.check_image(mr_path, modality="PT")  # other modalities are not checked
+            modality="CT", rule=rule)
+    ic.check_image(mr_path, modality="PT", rule=rule)  # other modalities are not checked
     # the streamed fraction follows the NIfTI intensity scaling (scl_slope / scl_inter)
     scaled = nib.Nifti1Image(((ct + 1024) / 2).astype(np.int16), _affine())
     scaled.header.set_slope_inter(2.0, -1024.0)
     nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
-    assert ic.scan_voxels(tmp_path / "scaled.nii.gz").air_fraction == pytest.approx(0.75)
+    assert ic.scan_voxels(tmp_path / "scaled.nii.gz", air_below=rule.AIR_HU).air_fraction == pytest.approx(0.75)
+    # the same rule inside the bundle's inference preprocessing, right after loading: the file is named
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    load = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
+    rule.ModalityCheckd("image", "CT")(load({"image": str(ct_path)}))
+    rule.ModalityCheckd("image", "MR")(load({"image": str(mr_path)}))
+    with pytest.raises(ValueError, match=f"^{ct_path}: looks like a CT in Hounsfield units, not an MR: 75 %"):
+        rule.ModalityCheckd("image", "MR")(load({"image": str(ct_path)}))
+    with pytest.raises(ValueError, match=f"^{mr_path}: does not look like a CT in Hounsfield units"):
+        rule.ModalityCheckd("image", "CT")(load({"image": str(mr_path)}))
+    # two modalities loaded from one file each (the liver's T2WI + DWI): the offending channel is named
+    both = load({"image": [str(mr_path), str(ct_path)]})
+    assert both["image"].shape[0] == 2
+    with pytest.raises(ValueError, match=rf"^{mr_path}, channel 1 \(DWI\): looks like a CT"):
+        rule.ModalityCheckd("image", "MR", channel_names=["T2WI", "DWI"])(both)

@@ -193,7 +193,10 @@ def build_app(
         else:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("eval", "models", "__pycache__"))
             (target / "models").mkdir()
-            weights = served_weights(name, cpu_demo, weights_dir)
+            # --random_weights without --cpu_demo: a smoke test at the configs' widths, which the quick start's
+            # weights do not fit, so they are not looked for
+            quick_dir = weights_dir if cpu_demo or not random_weights_if_missing else None
+            weights = served_weights(name, cpu_demo, quick_dir)
             if weights is not None:
                 shutil.copy2(weights, target / "models" / "model.pt")
                 if (weights.parent / "network.json").is_file():  # the architecture the weights were trained with

@@ -309,8 +309,12 @@ class Benchmark:
         return {"dataset_dir": data, "datalist": data / f"datalist_{ratio}.json", "ckpt_dir": out / "models",
                 "device": "cuda" if self.profile == "gpu" else "cpu", "num_workers": 4 if self.profile == "gpu" else 0}
 
-    def teacher(self, ratio: int, seed: int) -> tuple[Path, float, list[str]]:
-        """The liver teacher of (label ratio, seed), trained on the CE phases of the labelled subset (once)."""
+    def teacher(self, ratio: int, seed: int) -> tuple[Path, dict]:
+        """The liver teacher of (label ratio, seed), trained on the CE phases of the labelled subset (once).
+
+        Returns:
+            its checkpoint and its record (``seconds``, ``command``, ``validation`` curve, ``profile_settings``).
+        """
         with self._lock:
             lock = self._teacher_locks.setdefault((ratio, seed), threading.Lock())
         out = self.work / "cdugjl_liver" / "teachers" / f"r{ratio:03d}_s{seed}"
@@ -327,8 +331,7 @@ class Benchmark:
                 curve = validation_curve(out / "train.log", int(overrides.get("epoch_length") or 1))
                 done.write_text(json.dumps({"seconds": seconds, "command": [str(c) for c in cmd],
                                             "validation": curve, "profile_settings": settings}, indent=1))
-            info = json.loads(done.read_text())
-        return ckpt, info["seconds"], info["command"]
+            return ckpt, json.loads(done.read_text())
 
     def execute(self, run: Run, evaluate: bool = True) -> dict:
         """Train (and for the liver method, first its teacher), evaluate the final checkpoint on the test split
@@ -347,16 +350,15 @@ class Benchmark:
         train = {**common, "output_dir": out / "train", "seed": run.seed, **prof.train, **run.overrides}
         if run.bundle == "cdugjl_liver" and any(float(train.get(k, 1)) > 0 for k in (
                 "attention_weight", "feature_weight", "contrast_weight", "distill_kl_weight")):
-            teacher, seconds, cmd = self.teacher(run.ratio, run.seed)
+            teacher, info = self.teacher(run.ratio, run.seed)
             train["teacher_ckpt"] = teacher
-            record["commands"]["teacher"], record["seconds"]["teacher"] = cmd, seconds
+            record["commands"]["teacher"], record["seconds"]["teacher"] = info["command"], info["seconds"]
             supervised = Run(run.bundle, run.suite, run.ratio, "supervised", run.seed, {})
             if self.finished(supervised):  # the student's teacher check, logged and recorded rather than refused
                 train["teacher_min_dice"] = json.loads(self.result_path(supervised).read_text())["validation"][-1][1]
                 train["teacher_check"] = "warn"
                 record["teacher_check"] = {"supervised": train["teacher_min_dice"],
-                                           "teacher": json.loads((teacher.parents[2] / "done.json").read_text())
-                                           ["validation"][-1][1]}
+                                           "teacher": info["validation"][-1][1]}
         cmd = _bundle_cmd(run.bundle, ["train.json", *prof.overlays], train)
         record["seconds"]["train"] = _run_logged(cmd, out / "train.log", self.threads)
         record["commands"]["train"] = cmd
@@ -467,8 +469,7 @@ def teachers(
     print("ratio  seed  teacher (CE)  supervised student (T2WI + DWI)   final validation Dice")
     for ratio in ratios:
         for seed in seeds:
-            ckpt, _, _ = bench.teacher(ratio, seed)
-            teacher = json.loads((ckpt.parents[2] / "done.json").read_text())["validation"]
+            teacher = bench.teacher(ratio, seed)[1]["validation"]
             student = Run("cdugjl_liver", suite, ratio, "supervised", seed, {})
             curve = json.loads(bench.result_path(student).read_text())["validation"] if bench.finished(student) else None
             print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}",

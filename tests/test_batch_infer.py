@@ -88,7 +88,7 @@ def test_quality_check():
     # each bundle's default lives in its metadata.json; the run resolves it there
     defaults = {b: batch_infer.with_bundle_defaults(batch_infer.BatchOptions(), json.loads(
         (BUNDLES / b / "configs" / "metadata.json").read_text())) for b in (CT, LIVER)}
-    assert (defaults[LIVER].qc_threshold, defaults[CT].qc_threshold) == (0.134, None)
+    assert (defaults[LIVER].qc_threshold, defaults[CT].qc_threshold) == (0.214, None)
     assert (defaults[LIVER].modality_suffixes, defaults[CT].modality_suffixes) == (("_t2w", "_dwi"), ())
     # and which output is the doubt map (tools read it there instead of branching on the bundle's name)
     metas = {b: json.loads((BUNDLES / b / "configs" / "metadata.json").read_text()) for b in (CT, LIVER)}

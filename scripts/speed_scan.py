@@ -1,5 +1,5 @@
-"""The ``scan`` benchmark of ``scripts/benchmark_speed.py``: the liver bundle's chunked selective scan against its
-sequential reference (and ``mamba_ssm`` on a GPU), forward + backward."""
+"""The ``scan`` benchmark of ``scripts/benchmark_speed.py``: the liver bundle's fused (numba) and chunked selective
+scans against its sequential reference (and ``mamba_ssm`` on a GPU), forward + backward."""
 
 from __future__ import annotations
 
@@ -51,11 +51,13 @@ def scan_inputs(
 
 
 def _scan_function(impl: str) -> Callable[..., torch.Tensor]:
-    """The selective scan ``impl`` ("ref", "chunked" or "mamba_ssm"); ``mamba_ssm`` is imported only here."""
+    """The selective scan ``impl`` ("ref", "chunked", "fused" or "mamba_ssm"); ``mamba_ssm`` is imported only here."""
     if impl == "mamba_ssm":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
         return selective_scan_fn
+    if impl == "fused":
+        return bundle_module("cdugjl_liver", "selective_scan_fused").selective_scan_fused
     scan = bundle_module("cdugjl_liver", "selective_scan")
     return {"ref": scan.selective_scan_ref, "chunked": scan.selective_scan_chunked}[impl]
 
@@ -66,7 +68,7 @@ def scan_forward_backward(
     """One forward + backward (``y.sum().backward()``) of the scan ``impl`` on fresh leaf copies of ``inputs``.
 
     Args:
-        impl: "ref", "chunked" or "mamba_ssm".
+        impl: "ref", "chunked", "fused" or "mamba_ssm".
         inputs: the arguments from :func:`scan_inputs`.
         chunk_size: tokens per chunk of the chunked scan.
 
@@ -183,7 +185,10 @@ def scan(
     out_dir: str = DEFAULT_OUT_DIR,
     tag: str = "",
 ) -> str:
-    """Chunked vs. sequential selective scan on the CPU (and ``mamba_ssm`` vs. chunked on a GPU, if any).
+    """Fused and chunked vs. sequential selective scan on the CPU (and ``mamba_ssm`` vs. chunked on a GPU, if any).
+
+    One row per CPU scan and length, each against the reference measured in the same call (every timing in a
+    fresh process); the fused rows say ``skipped`` without numba.
 
     Args:
         lengths: sequence lengths ``L`` (the reference takes a few seconds per repeat at 16384).
@@ -207,21 +212,29 @@ def scan(
     settings["lengths"] = [int(n) for n in lengths]
     env = environment()
     rows = []
+    impls = ("fused", "chunked") if bundle_module("cdugjl_liver", "selective_scan_fused").AVAILABLE else ("chunked",)
     for length in settings["lengths"]:
-        error = scan_agreement("chunked", "ref", scan_inputs(length, batch, d_inner, d_state), chunk_size)
         shape = dict(length=length, batch=batch, d_inner=d_inner, d_state=d_state, chunk_size=chunk_size)
+        errors = {impl: scan_agreement(impl, "ref", scan_inputs(length, batch, d_inner, d_state), chunk_size)
+                  for impl in impls}
         measured = {
             impl: run_isolated(scan_worker, impl, repeats=repeats, warmup=warmup, threads=threads, **shape)
-            for impl in ("chunked", "ref")
+            for impl in (*impls, "ref")
         }
-        chunked, ref = measured["chunked"], measured["ref"]
-        time_s, base_s = median_of(chunked["times_s"]), median_of(ref["times_s"])
-        rows.append({"device": "cpu", "method": "chunked", "baseline": "ref", "status": "ok", **shape,
-                     "time_s": time_s, "baseline_time_s": base_s, "speedup": ratio_of(base_s, time_s),
-                     "times_s": chunked["times_s"], "baseline_times_s": ref["times_s"],
-                     "peak_mb": chunked["peak_mb"], "baseline_peak_mb": ref["peak_mb"], "max_abs_error": error})
+        ref = measured["ref"]
+        base_s = median_of(ref["times_s"])
+        if "fused" not in impls:
+            rows.append({"device": "cpu", "method": "fused", "baseline": "ref", **shape,
+                         "status": "skipped: numba not installed"})
+        for impl in impls:
+            time_s = median_of(measured[impl]["times_s"])
+            rows.append({"device": "cpu", "method": impl, "baseline": "ref", "status": "ok", **shape,
+                         "time_s": time_s, "baseline_time_s": base_s, "speedup": ratio_of(base_s, time_s),
+                         "times_s": measured[impl]["times_s"], "baseline_times_s": ref["times_s"],
+                         "peak_mb": measured[impl]["peak_mb"], "baseline_peak_mb": ref["peak_mb"],
+                         "max_abs_error": errors[impl]})
     rows.append(_scan_gpu_row(gpu_length, batch, d_inner, d_state, chunk_size, repeats, warmup))
     return write_and_print("scan", rows, settings, out_dir, tag, env,
-                           "selective scan, forward + backward (time_s: chunked / mamba_ssm, baseline: ref / chunked)",
+                           "selective scan, forward + backward (time_s: fused / chunked / mamba_ssm, baseline: ref / ref / chunked)",
                            ["device", "length", "method", "baseline", "time_s", "baseline_time_s", "speedup",
                             "peak_mb", "baseline_peak_mb", "status"])

@@ -112,6 +112,84 @@ def test_chunked_scan_strided_inputs_and_partial_gradients(mamba):
     assert half["u"].grad.dtype == torch.bfloat16 and half["A"].grad.dtype == torch.float32
 
 
+@pytest.fixture(scope="module")
+def fused():
+    module = bundle_module(BUNDLE, "selective_scan_fused")
+    if not module.AVAILABLE:
+        pytest.skip("numba is not installed: the fused CPU scan is off and the chunked scan runs")
+    return module
+
+
+@pytest.mark.parametrize("extras", [True, False], ids=["D_z_bias_softplus", "plain"])
+@pytest.mark.parametrize("length", [1, 7, 16, 17, 100, 300])
+def test_fused_scan_matches_reference(mamba, fused, length, extras):
+    """Forward and every gradient equal the sequential reference's (lengths around ``KEEP_EVERY``, where the
+    backward's recomputed blocks start and end)."""
+    tensors = {k: v.requires_grad_() for k, v in scan_inputs(length).items()}
+    y_ref = run_scan(mamba.selective_scan_ref, tensors, extras)
+    y_fused = run_scan(fused.selective_scan_fused, tensors, extras)
+    assert y_fused.shape == y_ref.shape == (2, 6, length)
+    assert (y_fused - y_ref).abs().max() <= 1e-5 and rel_err(y_fused, y_ref) <= 1e-5
+    weight = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1))
+    used = [k for k in SCAN_TENSORS if extras or k in ("u", "delta", "A", "B", "C")]
+    g_ref = torch.autograd.grad((y_ref * weight).sum(), [tensors[k] for k in used])
+    g_fused = torch.autograd.grad((y_fused * weight).sum(), [tensors[k] for k in used])
+    for name, a, b in zip(used, g_fused, g_ref):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-5, name
+
+
+def test_fused_scan_threads_extreme_steps_and_inputs(mamba, fused):
+    """Several numba threads give the one-thread result (the backward's channel blocks write disjoint slices);
+    very large steps stay finite; transposed views, MetaTensors and bfloat16 inputs work, inputs are untouched."""
+    from monai.data import MetaTensor
+
+    tensors = scan_inputs(130, batch=1, dim=8)
+    tensors["delta"] = 50.0 + tensors["delta"]
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+    y_ref = mamba.selective_scan_ref(**leaves, delta_softplus=True)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), list(leaves.values()))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+            y = fused.selective_scan_fused(**leaves, delta_softplus=True)
+            grads = torch.autograd.grad(y.square().sum(), list(leaves.values()))
+            assert torch.isfinite(y).all() and rel_err(y, y_ref) <= 1e-5
+            assert all(rel_err(a, b) <= 1e-5 for a, b in zip(grads, g_ref))
+    finally:
+        torch.set_num_threads(threads)
+    views = scan_inputs(45)
+    for k in ("delta", "B", "z"):
+        views[k] = views[k].transpose(1, 2).contiguous().transpose(1, 2)
+    views["u"] = MetaTensor(views["u"])
+    copies = {k: v.clone() for k, v in views.items()}
+    assert rel_err(fused.selective_scan_fused(**views, delta_softplus=True),
+                   mamba.selective_scan_ref(**views, delta_softplus=True)) <= 1e-5
+    assert all(torch.equal(views[k], copies[k]) for k in views)
+    half = {k: (v.to(torch.bfloat16) if k in ("u", "B", "z") else v).requires_grad_() for k, v in copies.items()}
+    out = fused.selective_scan_fused(**half, delta_softplus=True)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and half["u"].grad.dtype == torch.bfloat16
+
+
+def test_mamba_uses_the_fused_scan_on_cpu_and_the_chunked_one_under_tracing(mamba, fused, monkeypatch):
+    """Eager CPU forward and backward go through the fused scan; tracing takes the chunked (exportable) one."""
+    calls = []
+    original = fused.selective_scan_fused
+    monkeypatch.setattr(fused, "selective_scan_fused", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    block = mamba.Mamba(d_model=8, d_state=4).eval()
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    block(x).sum().backward()
+    assert calls == [1] and torch.isfinite(x.grad).all()
+    with torch.no_grad():  # a numba call inside the trace would be baked in as a constant: a new input shows it
+        traced = torch.jit.trace(block, x.detach(), check_trace=False)
+        assert calls == [1]
+        other = torch.randn(2, 10, 8)
+        assert torch.allclose(traced(other), block(other), atol=1e-5)
+
+
 def test_mamba_state_dict_and_init(mamba):
     d_model, d_state, d_conv, expand = 20, 8, 4, 2
     d_inner, dt_rank = expand * d_model, math.ceil(d_model / 16)

@@ -2,8 +2,9 @@
 
 :class:`Mamba` has exactly the parameters, names, shapes and initialisation of
 ``mamba_ssm.modules.mamba_simple.Mamba`` (mamba-ssm 1.x/2.x), so checkpoints load in both directions. On a
-CUDA input, with ``mamba_ssm`` importable, it calls the fused CUDA kernels; otherwise it runs the float32
-pure-PyTorch chunked selective scan of :mod:`scripts.selective_scan`. ``mamba_ssm`` is imported lazily, on the
+CUDA input, with ``mamba_ssm`` importable, it calls the fused CUDA kernels; on a CPU, with numba importable, the
+fused CPU scan of :mod:`scripts.selective_scan_fused`; otherwise (and under tracing, export and ``torch.compile``)
+the float32 pure-PyTorch chunked selective scan of :mod:`scripts.selective_scan`. ``mamba_ssm`` is imported lazily, on the
 first CUDA forward only, so CPU use (training, inference, TorchScript tracing, ONNX export) never touches it.
 ``torch.jit.trace`` and ``torch.onnx.export`` (both exporters) work in eval mode and give graphs specialised to the
 traced token count (use a fixed ROI); ``torch.jit.script`` is not supported.
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import selective_scan_fused as fused
 from .selective_scan import selective_scan_chunked, selective_scan_ref
 
 __all__ = ["Mamba", "MambaLayer", "SCAN_DIRECTIONS", "selective_scan_chunked", "selective_scan_ref"]
@@ -60,8 +62,10 @@ class Mamba(nn.Module):
     ``out_proj.weight`` [d_model, d_inner] (plus ``in_proj.bias``/``out_proj.bias`` when ``bias=True``).
 
     Backends, chosen per call: ``mamba_ssm.mamba_inner_fn`` (``use_fast_path`` and ``causal_conv1d`` present) or
-    ``mamba_ssm.selective_scan_fn`` when the input is on CUDA and ``mamba_ssm`` imports; otherwise
-    :func:`selective_scan_chunked` (float32, any device). Decoding with an inference cache is not supported.
+    ``mamba_ssm.selective_scan_fn`` when the input is on CUDA and ``mamba_ssm`` imports;
+    :func:`scripts.selective_scan_fused.selective_scan_fused` on a CPU when numba imports (not under tracing,
+    export or ``torch.compile``); otherwise :func:`selective_scan_chunked` (float32, any device). Decoding with an
+    inference cache is not supported.
 
     Args:
         d_model: token feature size.
@@ -185,9 +189,18 @@ class Mamba(nn.Module):
         scan_kwargs = {"D": self.D.float(), "z": z, "delta_bias": self.dt_proj.bias.float(), "delta_softplus": True}
         if ops is not None:
             y = ops.selective_scan_fn(x, dt.contiguous(), A, B.contiguous(), C.contiguous(), **scan_kwargs)
+        elif _fused_cpu_scan(x):
+            y = fused.selective_scan_fused(x, dt, A, B, C, **scan_kwargs)
         else:
             y = selective_scan_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, **scan_kwargs)
         return self.out_proj(y.transpose(1, 2))
+
+
+def _fused_cpu_scan(x: torch.Tensor) -> bool:
+    """Whether the fused CPU scan runs for ``x``: a CPU tensor, numba present, and no tracing, export or compiling
+    (the compiled kernels are opaque to them; the chunked scan has an exportable form)."""
+    return (x.device.type == "cpu" and fused.AVAILABLE and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
 class MambaLayer(nn.Module):

@@ -7,8 +7,11 @@ recomputing the states in blocks of ``KEEP_EVERY`` tokens from the ones the forw
 
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t,    y_t = sum_n C_t[n] * h_t[n]
 
-is compiled; the step size ``softplus(delta + delta_bias)``, the ``D`` skip and the ``silu(z)`` gate stay PyTorch
-operations, differentiated by autograd. Arithmetic is float32 in the reference's order along the sequence.
+is compiled, without any ``exp``: the decays ``exp(dt_t * A)`` are one vectorised PyTorch operation before it,
+kept ([B, D, L, N] float32) for the backward, which derives the step size's and ``A``'s gradients from them. A
+scalar ``exp`` per state and token inside the loop made it slower than the chunked scan. The step size
+``softplus(delta + delta_bias)``, the ``D`` skip and the ``silu(z)`` gate stay PyTorch operations, differentiated
+by autograd. Arithmetic is float32, sequential along the sequence.
 
 numba is optional: :data:`AVAILABLE` is ``False`` without it, and ``scripts.mamba.Mamba`` then uses the chunked
 scan. The first call in a process compiles the kernels (about 2 s each on one core). They are not cached on disk:
@@ -38,27 +41,26 @@ KEEP_EVERY = 16
 
 if AVAILABLE:
 
-    @numba.njit(parallel=True)
-    def _forward_kernel(u, dt, a, b, c, y, kept, keep_every):  # pragma: no cover - compiled
-        # u, dt, y: [R, D, L]; a: [D, N]; b, c: [R, L, N]; kept: [R, D, ceil(L / keep_every), N]
+    @numba.njit(parallel=True, fastmath=True)
+    def _forward_kernel(u, dt, decay, b, c, y, kept, keep_every):  # pragma: no cover - compiled
+        # u, dt, y: [R, D, L]; decay: [R, D, L, N]; b, c: [R, L, N]; kept: [R, D, ceil(L / keep_every), N]
         rows, channels, length = u.shape
-        states = a.shape[1]
+        states = decay.shape[3]
         for i in numba.prange(rows * channels):
             r, d = i // channels, i % channels
             h = np.zeros(states, np.float32)
             for t in range(length):
                 if t % keep_every == 0:
                     kept[r, d, t // keep_every, :] = h
-                step = dt[r, d, t]
-                x = step * u[r, d, t]
+                x = dt[r, d, t] * u[r, d, t]
                 acc = np.float32(0.0)
                 for n in range(states):
-                    h[n] = np.exp(step * a[d, n]) * h[n] + x * b[r, t, n]
+                    h[n] = decay[r, d, t, n] * h[n] + x * b[r, t, n]
                     acc += c[r, t, n] * h[n]
                 y[r, d, t] = acc
 
-    @numba.njit(parallel=True)
-    def _backward_kernel(u, dt, a, b, c, kept, gy, keep_every, blocks,
+    @numba.njit(parallel=True, fastmath=True)
+    def _backward_kernel(u, dt, a, decay, b, c, kept, gy, keep_every, blocks,
                          grad_u, grad_dt, grad_a, grad_b, grad_c):  # pragma: no cover - compiled
         # grad_u, grad_dt: [R, D, L]; grad_a: [R, D, N]; grad_b, grad_c: [R, blocks, L, N] (summed over blocks
         # afterwards: channel block p of row r writes only its own slice, so threads never share an element)
@@ -68,7 +70,6 @@ if AVAILABLE:
         for job in numba.prange(rows * blocks):
             r, p = job // blocks, job % blocks
             buffer = np.empty((keep_every + 1, states), np.float32)  # h_{t0 - 1}, ..., h_{t1 - 1}
-            decays = np.empty((keep_every, states), np.float32)
             for d in range(p * per_block, min(channels, (p + 1) * per_block)):
                 g = np.zeros(states, np.float32)
                 for k in range((length - 1) // keep_every, -1, -1):
@@ -76,11 +77,9 @@ if AVAILABLE:
                     t1 = min(length, t0 + keep_every)
                     buffer[0, :] = kept[r, d, k, :]
                     for t in range(t0, t1):  # the block's states again, from the kept one
-                        step = dt[r, d, t]
-                        x = step * u[r, d, t]
+                        x = dt[r, d, t] * u[r, d, t]
                         for n in range(states):
-                            decays[t - t0, n] = np.exp(step * a[d, n])
-                            buffer[t - t0 + 1, n] = decays[t - t0, n] * buffer[t - t0, n] + x * b[r, t, n]
+                            buffer[t - t0 + 1, n] = decay[r, d, t, n] * buffer[t - t0, n] + x * b[r, t, n]
                     for t in range(t1 - 1, t0 - 1, -1):
                         step = dt[r, d, t]
                         x = step * u[r, d, t]
@@ -90,13 +89,12 @@ if AVAILABLE:
                         for n in range(states):
                             g[n] += c[r, t, n] * dy  # adjoint of h_t
                             grad_c[r, p, t, n] += dy * buffer[t - t0 + 1, n]
-                            decay = decays[t - t0, n]
-                            g_decay = g[n] * buffer[t - t0, n] * decay
-                            g_step += g_decay * a[d, n]
-                            grad_a[r, d, n] += g_decay * step
+                            g_log = g[n] * buffer[t - t0, n] * decay[r, d, t, n]  # d/d(dt * A) of the decay
+                            g_step += g_log * a[d, n]
+                            grad_a[r, d, n] += g_log * step
                             g_x += g[n] * b[r, t, n]
                             grad_b[r, p, t, n] += g[n] * x
-                            g[n] *= decay  # adjoint of h_{t-1}, before C_{t-1} gy_{t-1} joins it
+                            g[n] *= decay[r, d, t, n]  # adjoint of h_{t-1}, before C_{t-1} gy_{t-1} joins it
                         grad_dt[r, d, t] = g_step + g_x * u[r, d, t]
                         grad_u[r, d, t] = g_x * step
 
@@ -113,18 +111,19 @@ class _FusedCore(torch.autograd.Function):
     def forward(ctx, u, dt, a, b_t, c_t):
         # u, dt: [R, D, L]; a: [D, N]; b_t, c_t: [R, L, N] (all float32, contiguous)
         rows, channels, length = u.shape
+        decay = torch.exp(dt.unsqueeze(-1) * a.unsqueeze(1))  # [R, D, L, N], PyTorch's vectorised exp
         y = torch.empty_like(u)
         kept = torch.empty(rows, channels, math.ceil(length / KEEP_EVERY), a.shape[1])
         numba.set_num_threads(_threads())
-        _forward_kernel(u.numpy(), dt.numpy(), a.numpy(), b_t.numpy(), c_t.numpy(), y.numpy(), kept.numpy(),
+        _forward_kernel(u.numpy(), dt.numpy(), decay.numpy(), b_t.numpy(), c_t.numpy(), y.numpy(), kept.numpy(),
                         KEEP_EVERY)
-        ctx.save_for_backward(u, dt, a, b_t, c_t, kept)
+        ctx.save_for_backward(u, dt, a, decay, b_t, c_t, kept)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        u, dt, a, b_t, c_t, kept = ctx.saved_tensors
+        u, dt, a, decay, b_t, c_t, kept = ctx.saved_tensors
         rows, channels, length = u.shape
         threads = _threads()
         blocks = max(1, min(channels, -(-threads // rows)))  # enough (row, channel block) jobs for the threads
@@ -133,7 +132,7 @@ class _FusedCore(torch.autograd.Function):
         grad_b = torch.zeros(rows, blocks, length, a.shape[1])
         grad_c = torch.zeros_like(grad_b)
         numba.set_num_threads(threads)
-        _backward_kernel(u.numpy(), dt.numpy(), a.numpy(), b_t.numpy(), c_t.numpy(), kept.numpy(),
+        _backward_kernel(u.numpy(), dt.numpy(), a.numpy(), decay.numpy(), b_t.numpy(), c_t.numpy(), kept.numpy(),
                          grad_y.float().contiguous().numpy(), KEEP_EVERY, blocks, grad_u.numpy(),
                          grad_dt.numpy(), grad_a.numpy(), grad_b.numpy(), grad_c.numpy())
         return grad_u, grad_dt, grad_a.sum(0), grad_b.sum(1), grad_c.sum(1)

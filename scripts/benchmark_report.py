@@ -226,13 +226,15 @@ def _env_line(data: dict) -> str:
 
 def scan_table(data: dict) -> str:
     lines = [_fence(data["command"]), _env_line(data), "",
-             "| device | L | chunked (s) | sequential reference (s) | speed-up | peak MB chunked / reference | max abs. error |",
-             "|---|---|---|---|---|---|---|"]
+             "| device | L | scan | time (s) | baseline | baseline (s) | speed-up | peak MB scan / baseline | "
+             "max abs. error |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        method = r.get("method", "chunked")
         if r.get("status") != "ok":
-            lines.append(f"| {r['device']} | {r.get('length', '')} | {r['status']} | | | | |")
+            lines.append(f"| {r['device']} | {r.get('length', '')} | {method} | {r['status']} | | | | | |")
             continue
-        lines.append(f"| {r['device']} | {r['length']} | {r['time_s']:.3f} | {r['baseline_time_s']:.3f} | "
+        lines.append(f"| {r['device']} | {r['length']} | {method} | {r['time_s']:.3f} | {r['baseline']} | "
+                     f"{r['baseline_time_s']:.3f} | "
                      f"{r['speedup']:.1f}x | {r.get('peak_mb', float('nan')):.0f} / "
                      f"{r.get('baseline_peak_mb', float('nan')):.0f} | {r['max_abs_error']:.1e} |")
     return "\n".join(lines)

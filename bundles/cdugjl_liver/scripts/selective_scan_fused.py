@@ -25,7 +25,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .selective_scan import _skip_and_gate, _step_size
 
 try:
     import numba
@@ -172,16 +173,8 @@ def selective_scan_fused(
         raise RuntimeError("selective_scan_fused needs numba (pip install numba); use selective_scan_chunked")
     dtype = u.dtype
     u, delta, B, C, z = (None if t is None else t.as_subclass(torch.Tensor) for t in (u, delta, B, C, z))
-    u32 = u.float()
-    dt = delta.float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    y = _FusedCore.apply(u32.contiguous(), dt.contiguous(), A.float().contiguous(),
+    u = u.float()
+    dt = _step_size(delta, delta_bias, delta_softplus)
+    y = _FusedCore.apply(u.contiguous(), dt.contiguous(), A.float().contiguous(),
                          B.float().transpose(1, 2).contiguous(), C.float().transpose(1, 2).contiguous())
-    if D is not None:
-        y = y + u32 * D.float()[:, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(dtype)
+    return _skip_and_gate(y, u, D, z, dtype)

@@ -20,7 +20,7 @@ BUNDLES = REPO / "bundles"
 SCHEMA = Path(os.environ.get("MONAI_META_SCHEMA", REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"))
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 
-from bundle_imports import bundle_module  # tests import it from conftest; pytest.ini puts scripts/ on the path
+from bundle_imports import bundle_module, use_bundle  # tests import it from conftest; pytest.ini puts scripts/ on the path
 
 
 def meta_schema() -> Path:
@@ -43,6 +43,32 @@ def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env:
     if proc.returncode != 0:
         pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def cpu_demo_checkpoint(bundle_root: Path, models: Path) -> dict:
+    """What a ``cpu_demo`` training run leaves in its checkpoint folder ``models``: ``model.pt`` (a seeded random
+    ``network_def``) and the ``network.json`` written by train.json's own ``NetworkArgumentsSaver`` handler.
+
+    Returns:
+        the recorded network arguments.
+    """
+    import json
+
+    import torch
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+
+    use_bundle(bundle_root)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / "configs" / c) for c in ("train.json", "cpu_demo.json")])
+    parser["bundle_root"] = str(bundle_root)
+    parser["ckpt_dir"] = str(models)
+    index = next(i for i, h in enumerate(parser["train"]["handlers"])
+                 if h["_target_"] == "scripts.architecture.NetworkArgumentsSaver")
+    parser.get_parsed_content(f"train#handlers#{index}")(Engine(lambda engine, batch: None))
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
+    return json.loads((models / "network.json").read_text())
 
 
 _BUNDLE_FILES = pytest.StashKey[set]()

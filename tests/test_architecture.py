@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 import batch_infer
 from batch_infer import BatchOptions
 from bundle_imports import use_bundle
-from conftest import BUNDLES
+from conftest import BUNDLES, cpu_demo_checkpoint
 
 CT, LIVER = "ceds_mediastinum", "cdugjl_liver"
 # the config path of each bundle's handler that loads models/model.pt for inference
@@ -33,15 +33,7 @@ def _parser(bundle: str, files: list[str], **pairs) -> ConfigParser:
 
 
 def _train_run(bundle: str, models) -> dict:
-    """What a ``cpu_demo`` training run leaves in its checkpoint folder: ``model.pt`` (random weights) and the
-    ``network.json`` written by train.json's own ``NetworkArgumentsSaver`` handler. Returns the recorded arguments."""
-    parser = _parser(bundle, ["train.json", "cpu_demo.json"], ckpt_dir=str(models))
-    index = next(i for i, h in enumerate(parser["train"]["handlers"])
-                 if h["_target_"] == "scripts.architecture.NetworkArgumentsSaver")
-    parser.get_parsed_content(f"train#handlers#{index}")(Engine(lambda engine, batch: None))
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
-    return json.loads((models / "network.json").read_text())
+    return cpu_demo_checkpoint(BUNDLES / bundle, models)
 
 
 @pytest.mark.parametrize("bundle", [CT, LIVER])

@@ -22,12 +22,8 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-import torch
-from ignite.engine import Engine
-from monai.bundle import ConfigParser
 
-from bundle_imports import use_bundle
-from conftest import REPO
+from conftest import REPO, cpu_demo_checkpoint
 from test_monailabel import monailabel_venv  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
@@ -48,22 +44,6 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _quickstart_weights(repo: Path, bundle: str) -> None:
-    """A random ``cpu_demo`` network as ``outputs/quickstart/<bundle>/models/model.pt`` and the ``network.json``
-    that train.json's own handler writes beside it."""
-    models = repo / "outputs" / "quickstart" / bundle / "models"
-    use_bundle(repo / "bundles" / bundle)
-    parser = ConfigParser()
-    parser.read_config([str(repo / "bundles" / bundle / "configs" / c) for c in ("train.json", "cpu_demo.json")])
-    parser["bundle_root"] = str(repo / "bundles" / bundle)
-    parser["ckpt_dir"] = str(models)
-    index = next(i for i, h in enumerate(parser["train"]["handlers"])
-                 if h["_target_"] == "scripts.architecture.NetworkArgumentsSaver")
-    parser.get_parsed_content(f"train#handlers#{index}")(Engine(lambda engine, batch: None))
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
-
-
 def _served_model(repo: Path, bundle: str) -> Path:
     return repo / "outputs" / "monailabel" / "apps" / "monaibundle" / "model" / bundle / "models" / "model.pt"
 
@@ -80,7 +60,7 @@ def test_readme_monailabel_block_literally(monailabel_venv, tmp_path):  # noqa: 
         shutil.copy2(REPO / name, repo / name)
     (repo / ".venv-monailabel").symlink_to(monailabel_venv, target_is_directory=True)
     for bundle in BUNDLE_NAMES:
-        _quickstart_weights(repo, bundle)
+        cpu_demo_checkpoint(repo / "bundles" / bundle, repo / "outputs" / "quickstart" / bundle / "models")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = []

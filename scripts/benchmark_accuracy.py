@@ -198,7 +198,7 @@ def _run_logged(cmd: list[str], log: Path, threads: int) -> float:
         f.flush()
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"exit {proc.returncode}: {log}\n{tail}")
     return time.time() - start
 
@@ -505,7 +505,8 @@ def trial(
         seed: training seed.
         method: a key of ``METHODS[bundle]``.
         phantom: phantom arguments to change, e.g. ``{"conspicuity": [1, 1]}``.
-        train: training overrides to change, e.g. ``{"epochs": 80}``.
+        train: training overrides of this run, e.g. ``{"epochs": 80}`` (a liver teacher keeps the profile's, so
+            that variants of one trial share it).
         split: split arguments to change, e.g. ``{"test_fraction": 0.2}``.
         variant: the run's folder inside the trial, one per training setting of the same data.
         profile: the profile the trial starts from.
@@ -516,11 +517,10 @@ def trial(
         the validation curve, ``[[iteration, validation Dice], ...]``.
     """
     base = PROFILES[profile][bundle]
-    settings = replace(base, data={**base.data, **(phantom or {})}, train={**base.train, **(train or {})},
-                       split={**base.split, **(split or {})})
+    settings = replace(base, data={**base.data, **(phantom or {})}, split={**base.split, **(split or {})})
     folder = Path(work_dir) / "trials" / name
     bench = Benchmark(profile, folder, folder, threads, {bundle: settings})
-    run = Run(bundle, variant, int(ratio), method, int(seed), METHODS[bundle][method])
+    run = Run(bundle, variant, int(ratio), method, int(seed), {**METHODS[bundle][method], **(train or {})})
     record = bench.execute(run, evaluate=False)
     print(f"{name} {bundle} {run.name}: validation Dice "
           + " ".join(f"{v:.3f}@{int(i)}" for i, v in record["validation"]), flush=True)

@@ -131,7 +131,7 @@ def test_trial_changes_the_phantom_and_never_reads_the_test_split(tmp_path):
     assert generator["conspicuity"] == [1.5, 1.5]
     record = json.loads((folder / "cdugjl_liver" / "trial" / "r100_supervised_s0.json").read_text())
     assert record["profile_settings"]["data"]["conspicuity"] == [1.5, 1.5]
-    assert record["profile_settings"]["train"]["epochs"] == 2
+    assert record["overrides"]["epochs"] == 2
     assert [i for i, _ in record["validation"]] == [2, 4]  # tiny: epoch_length 2, validation every epoch
     assert "metrics" not in record and "evaluate" not in record["commands"]
     assert not (folder / "cdugjl_liver" / "trial" / "r100_supervised_s0" / "test").exists()
@@ -141,6 +141,18 @@ def test_trial_changes_the_phantom_and_never_reads_the_test_split(tmp_path):
     run_cmd([*cmd[:-4], "--variant", "one_epoch", "--train", "{'epochs': 1}", "--work_dir", str(tmp_path)],
             cwd=tmp_path, timeout=600, env=ENV)
     other = json.loads((folder / "cdugjl_liver" / "one_epoch" / "r100_supervised_s0.json").read_text())
-    assert [i for i, _ in other["validation"]] == [2] and other["profile_settings"]["train"]["epochs"] == 1
+    assert [i for i, _ in other["validation"]] == [2] and other["overrides"]["epochs"] == 1
     assert json.loads((folder / "cdugjl_liver" / "trial" / "r100_supervised_s0.json").read_text()) == record
     assert (folder / "data" / "cdugjl_liver" / "dataset.json").stat().st_mtime_ns == data_stamp
+    # variants of the distilled student share one teacher: their overrides are the student's, not the teacher's
+    distilled = [*cmd[:-4], "--method", "cdugjl", "--work_dir", str(tmp_path)]
+    run_cmd([*distilled, "--variant", "kl_half", "--train", "{'epochs': 1, 'distill_kl_weight': 0.5}"],
+            cwd=tmp_path, timeout=600, env=ENV)
+    teacher = folder / "cdugjl_liver" / "teachers" / "r100_s0" / "done.json"
+    assert "--distill_kl_weight" not in json.loads(teacher.read_text())["command"]
+    teacher_stamp = teacher.stat().st_mtime_ns
+    run_cmd([*distilled, "--variant", "kl_zero", "--train", "{'epochs': 1, 'distill_kl_weight': 0.0}"],
+            cwd=tmp_path, timeout=600, env=ENV)
+    assert teacher.stat().st_mtime_ns == teacher_stamp
+    kl_zero = json.loads((folder / "cdugjl_liver" / "kl_zero" / "r100_cdugjl_s0.json").read_text())
+    assert kl_zero["overrides"]["distill_kl_weight"] == 0.0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +173,27 @@ def test_fused_scan_threads_extreme_steps_and_inputs(mamba, fused):
     out = fused.selective_scan_fused(**half, delta_softplus=True)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and half["u"].grad.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_fused_scan_on_one_thread_starts_no_thread_pool(fused, tmp_path):
+    """With one PyTorch thread the fused scan runs serial code and numba starts no workers: their OpenMP threads
+    spin between calls and took the second core from a second single-thread training (3-20x slower)."""
+    script = tmp_path / "one_thread.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(BUNDLES / BUNDLE)!r})\n"
+        "from scripts.selective_scan_fused import selective_scan_fused\n"
+        "torch.set_num_threads(1)\n"
+        "u, delta = torch.randn(2, 8, 64, requires_grad=True), torch.randn(2, 8, 64)\n"
+        "A, B, C = -torch.rand(8, 4), torch.randn(2, 4, 64), torch.randn(2, 4, 64)\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "for _ in range(3):\n"
+        "    selective_scan_fused(u, delta, A, B, C, delta_softplus=True).sum().backward()\n"
+        "print('threads', before, len(os.listdir('/proc/self/task')))\n")
+    proc = run_cmd([sys.executable, str(script)], cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    before, after = map(int, proc.stdout.split("threads")[-1].split())
+    assert after == before
 
 
 def test_mamba_uses_the_fused_scan_on_cpu_and_the_chunked_one_under_tracing(mamba, fused, monkeypatch):

@@ -42,8 +42,7 @@ KEEP_EVERY = 16
 
 if AVAILABLE:
 
-    @numba.njit(parallel=True, fastmath=True)
-    def _forward_kernel(u, dt, decay, b, c, y, kept, keep_every):  # pragma: no cover - compiled
+    def _forward_loop(u, dt, decay, b, c, y, kept, keep_every):  # pragma: no cover - compiled
         # u, dt, y: [R, D, L]; decay: [R, D, L, N]; b, c: [R, L, N]; kept: [R, D, ceil(L / keep_every), N]
         rows, channels, length = u.shape
         states = decay.shape[3]
@@ -60,8 +59,7 @@ if AVAILABLE:
                     acc += c[r, t, n] * h[n]
                 y[r, d, t] = acc
 
-    @numba.njit(parallel=True, fastmath=True)
-    def _backward_kernel(u, dt, a, decay, b, c, kept, gy, keep_every, blocks,
+    def _backward_loop(u, dt, a, decay, b, c, kept, gy, keep_every, blocks,
                          grad_u, grad_dt, grad_a, grad_b, grad_c):  # pragma: no cover - compiled
         # grad_u, grad_dt: [R, D, L]; grad_a: [R, D, N]; grad_b, grad_c: [R, blocks, L, N] (summed over blocks
         # afterwards: channel block p of row r writes only its own slice, so threads never share an element)
@@ -99,10 +97,25 @@ if AVAILABLE:
                         grad_dt[r, d, t] = g_step + g_x * u[r, d, t]
                         grad_u[r, d, t] = g_x * step
 
+    # each loop compiled twice (lazily, on first use): serial for one thread, so that numba starts no thread pool;
+    # its OpenMP workers spin between calls and take a core from whatever else runs (two single-thread trainings
+    # on two cores ran 3-20x slower with the pool started)
+    _SERIAL = (numba.njit(fastmath=True)(_forward_loop), numba.njit(fastmath=True)(_backward_loop))
+    _PARALLEL = (numba.njit(parallel=True, fastmath=True)(_forward_loop),
+                 numba.njit(parallel=True, fastmath=True)(_backward_loop))
+
 
 def _threads() -> int:
     """numba threads for one call: PyTorch's intra-op thread count (``OMP_NUM_THREADS``), at most numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _kernels(threads: int) -> tuple:
+    """The compiled ``(forward, backward)`` loops for ``threads`` threads (numba's pool set to that size)."""
+    if threads == 1:
+        return _SERIAL
+    numba.set_num_threads(threads)
+    return _PARALLEL
 
 
 class _FusedCore(torch.autograd.Function):
@@ -115,9 +128,9 @@ class _FusedCore(torch.autograd.Function):
         decay = torch.exp(dt.unsqueeze(-1) * a.unsqueeze(1))  # [R, D, L, N], PyTorch's vectorised exp
         y = torch.empty_like(u)
         kept = torch.empty(rows, channels, math.ceil(length / KEEP_EVERY), a.shape[1])
-        numba.set_num_threads(_threads())
-        _forward_kernel(u.numpy(), dt.numpy(), decay.numpy(), b_t.numpy(), c_t.numpy(), y.numpy(), kept.numpy(),
-                        KEEP_EVERY)
+        forward, _ = _kernels(_threads())
+        forward(u.numpy(), dt.numpy(), decay.numpy(), b_t.numpy(), c_t.numpy(), y.numpy(), kept.numpy(),
+                KEEP_EVERY)
         ctx.save_for_backward(u, dt, a, decay, b_t, c_t, kept)
         return y
 
@@ -132,10 +145,10 @@ class _FusedCore(torch.autograd.Function):
         grad_a = torch.zeros(rows, channels, a.shape[1])
         grad_b = torch.zeros(rows, blocks, length, a.shape[1])
         grad_c = torch.zeros_like(grad_b)
-        numba.set_num_threads(threads)
-        _backward_kernel(u.numpy(), dt.numpy(), a.numpy(), decay.numpy(), b_t.numpy(), c_t.numpy(), kept.numpy(),
-                         grad_y.float().contiguous().numpy(), KEEP_EVERY, blocks, grad_u.numpy(),
-                         grad_dt.numpy(), grad_a.numpy(), grad_b.numpy(), grad_c.numpy())
+        _, backward = _kernels(threads)
+        backward(u.numpy(), dt.numpy(), a.numpy(), decay.numpy(), b_t.numpy(), c_t.numpy(), kept.numpy(),
+                 grad_y.float().contiguous().numpy(), KEEP_EVERY, blocks, grad_u.numpy(),
+                 grad_dt.numpy(), grad_a.numpy(), grad_b.numpy(), grad_c.numpy())
         return grad_u, grad_dt, grad_a.sum(0), grad_b.sum(1), grad_c.sum(1)
 
 

@@ -69,7 +69,7 @@ class NetworkArgumentsSaver:
     atomically, so ranks of a distributed run may all write it.
 
     Args:
-        save_dir: the run's checkpoint folder (``@ckpt_dir``).
+        save_dir: the run's checkpoint folder (``@model_dir``).
         arguments: the arguments, by their config key (JSON-serialisable values).
     """
 

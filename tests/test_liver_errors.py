@@ -127,3 +127,29 @@ def test_teacher_regions_counts(tmp_path, liver_data):
     if any(label.any() for label in labels):  # the real tumour voxels are the ones it gets right
         assert tumour["wrong"] < tumour["voxels"]
     assert tumour["threshold"]["removed"] == 0 and result["largest_uncertainty"] < 0.5
+
+
+def test_distill_targets_counts_and_kl_of_constant_teacher_and_student(tmp_path, liver_data):
+    """``scripts/distill_targets.py``: a teacher that calls every voxel tumour and a student that calls every voxel
+    background are each right exactly where the other is wrong, at the evidence clamp everywhere; the Dirichlet KL
+    and the class-probability KL are those of their two constant concentrations."""
+    teacher = _constant_model(tmp_path / "teacher.pt", tumour=True, in_channels=3)
+    student = _constant_model(tmp_path / "student.pt", tumour=False)
+    out = tmp_path / "targets.json"
+    run_cmd([sys.executable, str(REPO / "scripts" / "distill_targets.py"), "--teacher", str(teacher),
+             "--student", str(student), "--datalist", str(liver_data / "datalist_20.json"), "--cases", "2",
+             "--out", str(out)], cwd=tmp_path, timeout=300)
+    result = json.loads(out.read_text())
+    voxels = result["voxels"]
+    assert result["settings"]["cases"] == 2 and result["tumour_voxels"] > 0
+    assert voxels["both_right"] == voxels["both_wrong"] == 0
+    assert voxels["teacher_right_only"] == result["tumour_voxels"]
+    assert result["saturated"] == {"teacher": 1.0, "student": 1.0}
+    high, low = float(np.exp(10.0)) + 1, float(np.exp(-10.0)) + 1
+    alpha_t = torch.tensor([low, high], dtype=torch.float64)
+    alpha_s = torch.tensor([high, low], dtype=torch.float64)
+    kl = bundle_module("cdugjl_liver", "distillation").dirichlet_kl(alpha_t, alpha_s, dim=0)
+    p_t, p_s = alpha_t / alpha_t.sum(), alpha_s / alpha_s.sum()
+    assert result["kl"]["dirichlet"] == pytest.approx(float(kl), rel=1e-6)
+    assert result["kl"]["class"] == pytest.approx(float((p_t * (p_t / p_s).log()).sum()), rel=1e-6)
+    assert result["strength"]["teacher"] == pytest.approx(high + low, rel=1e-4)

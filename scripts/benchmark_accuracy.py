@@ -344,7 +344,9 @@ class Benchmark:
         prof = self.profiles[run.bundle]
         out = self.work / run.bundle / run.suite / run.name
         common = self._common(run.bundle, run.ratio, out)
-        record = {"bundle": run.bundle, "suite": run.suite, "ratio": run.ratio, "method": run.method,
+        metadata = REPO / "bundles" / run.bundle / "configs" / "metadata.json"
+        record = {"bundle": run.bundle, "bundle_version": json.loads(metadata.read_text())["version"],
+                  "suite": run.suite, "ratio": run.ratio, "method": run.method,
                   "seed": run.seed, "profile": self.profile, "profile_settings": self.settings(run.bundle),
                   "overrides": run.overrides, "commands": {}, "seconds": {}}
         train = {**common, "output_dir": out / "train", "seed": run.seed, **prof.train, **run.overrides}

@@ -101,6 +101,8 @@ def test_tiny_profile_runs_resumes_and_reports(tmp_path):
     assert [f.name for f in files] == ["r010_ceds_s0.json", "r010_supervised_s0.json"]
     record = json.loads(files[0].read_text())
     assert record["overrides"] == {"mode": "ceds"} and 0.0 <= record["metrics"]["test_mean_dice"] <= 1.0
+    metadata = json.loads((REPO / "bundles" / "ceds_mediastinum" / "configs" / "metadata.json").read_text())
+    assert record["bundle_version"] == metadata["version"]  # which defaults the run had
     assert "--eval_checkpoint" in record["commands"]["evaluate"]  # the final checkpoint, not a selected one
     # finished runs are skipped
     again = run_cmd(cmd, cwd=tmp_path, timeout=120, env=ENV)

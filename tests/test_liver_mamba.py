@@ -178,7 +178,7 @@ def test_fused_scan_threads_extreme_steps_and_inputs(mamba, fused):
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
 def test_fused_scan_on_one_thread_starts_no_thread_pool(fused, tmp_path):
     """With one PyTorch thread the fused scan runs serial code and numba starts no workers: their OpenMP threads
-    spin between calls and took the second core from a second single-thread training (3-20x slower)."""
+    spin between calls and took the second core from a second single-thread training."""
     script = tmp_path / "one_thread.py"
     script.write_text(
         "import os, sys, torch\n"

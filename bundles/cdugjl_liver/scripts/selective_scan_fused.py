@@ -98,8 +98,7 @@ if AVAILABLE:
                         grad_u[r, d, t] = g_x * step
 
     # each loop compiled twice (lazily, on first use): serial for one thread, so that numba starts no thread pool;
-    # its OpenMP workers spin between calls and take a core from whatever else runs (two single-thread trainings
-    # on two cores ran 3-20x slower with the pool started)
+    # its OpenMP workers spin between calls and take a core from whatever else runs
     _SERIAL = (numba.njit(fastmath=True)(_forward_loop), numba.njit(fastmath=True)(_backward_loop))
     _PARALLEL = (numba.njit(parallel=True, fastmath=True)(_forward_loop),
                  numba.njit(parallel=True, fastmath=True)(_backward_loop))

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import bundle_module
+from conftest import BUNDLES, bundle_module, use_bundle
 
 
 @pytest.fixture(scope="module")
@@ -500,13 +500,28 @@ def test_student_passes_keep_strong_views_out_of_batch_norm(trainer, mean_teache
     assert none is None and shared_none["alpha"].shape[0] == 3
 
 
-def test_all_reduce_handler_is_a_no_op_without_process_group():
-    handlers = bundle_module("cdugjl_liver", "handlers")
-    module = torch.nn.Linear(2, 2)
-    handler = handlers.AllReduceGradientsHandler(module)
-    handler.broadcast(None)
-    handler(None)
-    assert module.weight.grad is None
+@pytest.mark.parametrize("overlays", [[], ["train_teacher.json"]], ids=["student", "teacher"])
+def test_loss_goes_to_the_device_and_its_heads_are_optimised(overlays):
+    """``loss`` is ``loss_def`` on ``@device`` (as ``network`` is ``network_def``): the student's projection heads,
+    which the optimiser steps, live where the network's features are (a CUDA run would otherwise fail in the first
+    distillation term). The teacher's loss has no parameters."""
+    from monai.bundle import ConfigParser
+
+    bundle = BUNDLES / "cdugjl_liver"
+    use_bundle(bundle)
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / c) for c in ("train.json", *overlays, "cpu_demo.json")])
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('meta')"
+    loss = parser.get_parsed_content("loss")
+    heads = list(loss.parameters())
+    assert loss is parser.get_parsed_content("loss_def")
+    if overlays:
+        assert not heads
+        return
+    assert heads and all(p.device.type == "meta" for p in heads)
+    optimised = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
+    assert {id(p) for p in heads} <= optimised
 
 
 # ---------------------------------------------------------------------------------------------- metrics

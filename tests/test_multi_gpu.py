@@ -4,11 +4,14 @@ The run is what MONAI Label and the model-zoo multi-GPU CI start: ``torchrun ...
 ``['train.json', 'multi_gpu_train.json', 'cpu_demo.json']`` from a working directory outside the bundle, one epoch
 on the phantom data (20 % labelled datalist), validation included, after the bundle's prerequisite stages (the liver
 teacher). Checkpoints and outputs go to ``tmp_path``.
-The final ``model.pt`` must be written exactly once, by rank 0.
+The final ``model.pt`` must be written exactly once, by rank 0. Every rank ends with the same student and the same
+trainable loss heads (the liver loss's projections, which ``multi_gpu_train.json`` wraps in their own
+``DistributedDataParallel``), although each rank starts from its own seed and trains on its own share of the data.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -24,6 +27,16 @@ DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 # teacher, models/teacher/model.pt, written by train.json + train_teacher.json (multi_gpu_train.json overlays
 # train.json only)
 PREREQUISITES = {"cdugjl_liver": [["train.json", "train_teacher.json"]]}
+# what each rank saves when the run ends (before the process group goes): the parameters of the student and of the
+# loss (buffers such as batch-norm statistics are each rank's own)
+RANK_STATES = {
+    "finalize": [
+        "$torch.save({part: {k: v.detach() for k, v in getattr(module, 'module', module).named_parameters()} for "
+        "part, module in [('network', @network), ('loss', @loss)]}, @output_dir + f'/rank{dist.get_rank()}.pt')",
+        "$dist.barrier()",
+        "$dist.destroy_process_group()",
+    ]
+}
 
 
 def torchrun() -> list[str]:
@@ -51,7 +64,10 @@ def test_torchrun_two_processes_one_epoch(name, request, tmp_path):
         run_cmd([sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *overrides], cwd=tmp_path,
                 timeout=300, env={"OMP_NUM_THREADS": "2"})
 
-    files = repr([str(configs / c) for c in ("train.json", "multi_gpu_train.json", "cpu_demo.json")])
+    output_dir.mkdir(exist_ok=True)
+    (tmp_path / "rank_states.json").write_text(json.dumps(RANK_STATES))
+    files = repr([*(str(configs / c) for c in ("train.json", "multi_gpu_train.json", "cpu_demo.json")),
+                  str(tmp_path / "rank_states.json")])
     cmd = [*torchrun(), "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle", "run",
            "--config_file", files, *overrides]
     proc = run_cmd(cmd, cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
@@ -66,3 +82,11 @@ def test_torchrun_two_processes_one_epoch(name, request, tmp_path):
     assert len(saved) <= 1, f"model.pt must be saved once (rank 0 only), got: {saved}"
     state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
     assert state and all(not k.startswith("module.") for k in state), "model.pt must hold the unwrapped network"
+
+    ranks = [torch.load(output_dir / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
+    for part in ("network", "loss"):
+        assert ranks[0][part].keys() == ranks[1][part].keys()
+        differ = [k for k in ranks[0][part] if not torch.equal(ranks[0][part][k], ranks[1][part][k])]
+        assert not differ, f"the ranks' {part} parameters diverged: {differ[:5]}"
+    if name == "cdugjl_liver":
+        assert ranks[0]["loss"], "the liver loss has trainable heads"

@@ -24,7 +24,7 @@ import fire
 import torch
 
 from bundle_imports import bundle_module
-from liver_errors import load_network
+from liver_errors import load_network, unlabelled_volumes
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cdugjl_liver"
 
@@ -48,16 +48,9 @@ def main(teacher: str, student: str, datalist: str, cases: int = 12, overlay: st
         largest logit reaches the evidence clamp), ``"voxels": {"both_right", "teacher_right_only",
         "student_right_only", "both_wrong"}``, ``"tumour_voxels"``, ``"settings"}``.
     """
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
-                                  Spacingd)
-
     t_net, t_inferer, pixdim, ce_key = load_network(teacher, overlay, teacher=True)
     s_net, s_inferer, _, image_key = load_network(student, overlay)
     dirichlet_kl = bundle_module(BUNDLE, "distillation").dirichlet_kl
-    keys = [ce_key, image_key, "label"]
-    preprocess = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, "RAS"),
-                          Spacingd(keys, pixdim, mode=["bilinear", "bilinear", "nearest"]),
-                          NormalizeIntensityd([ce_key, image_key], channel_wise=True)])
     sums = {"dirichlet": 0.0, "class": 0.0}
     saturated = {"teacher": 0, "student": 0}
     ceiling = {name: torch.exp(torch.tensor(net.dirichlet.clamp, dtype=torch.float64)) * 0.999
@@ -65,10 +58,8 @@ def main(teacher: str, student: str, datalist: str, cases: int = 12, overlay: st
     counts = {"both_right": 0, "teacher_right_only": 0, "student_right_only": 0, "both_wrong": 0}
     strengths: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
     voxels = tumour = 0
-    records = bundle_module(BUNDLE, "datalist").load_datalist(datalist, "unlabeled")[:cases]
-    for record in records:
-        label_file = Path(record[image_key][0]).parent.parent / "labelsTr" / f"{record['case']}.nii.gz"
-        data = preprocess({ce_key: record[ce_key], image_key: record[image_key], "label": str(label_file)})
+    read = 0
+    for read, data in enumerate(unlabelled_volumes(datalist, [ce_key, image_key], pixdim, cases), 1):
         with torch.no_grad():
             alpha_t = t_inferer(data[ce_key][None], t_net).as_tensor().double()  # [1, K, H, W, D]
             alpha_s = s_inferer(data[image_key][None], s_net).as_tensor().double()
@@ -95,7 +86,7 @@ def main(teacher: str, student: str, datalist: str, cases: int = 12, overlay: st
         "saturated": {k: v / voxels for k, v in saturated.items()},
         "voxels": counts,
         "tumour_voxels": tumour,
-        "settings": {"teacher": teacher, "student": student, "datalist": datalist, "cases": len(records)},
+        "settings": {"teacher": teacher, "student": student, "datalist": datalist, "cases": read},
     }
     kl = result["kl"]
     print(f"mean KL per voxel: Dirichlet {kl['dirichlet']:.4f}, class probabilities {kl['class']:.6f}")

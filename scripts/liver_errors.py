@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fire
 import nibabel as nib
@@ -151,6 +151,32 @@ def load_network(checkpoint: str, overlay: str | None = "configs/cpu_demo.json",
     network.load_state_dict(state.get("model", state))
     network.eval()
     return network, parser.get_parsed_content("inferer"), list(parser.get_parsed_content("pixdim")) + [-1.0], input_key
+
+
+def unlabelled_volumes(datalist: str, keys: list[str], pixdim: list[float], cases: int) -> Iterator[dict]:
+    """The first ``cases`` unlabelled records of a phantom datalist, read as the bundle's networks see them.
+
+    Args:
+        datalist: a phantom datalist whose ``unlabeled`` records have ``case`` and ``keys``, with the phantom's
+            ``labelsTr/<case>.nii.gz`` beside its ``imagesTr`` (unlabelled for training, known to the phantom).
+        keys: the record's network inputs (``"image"``, ``"ce"``), each resampled to ``pixdim`` and normalised
+            channel-wise as ``inference.json`` does.
+        pixdim: the ``Spacingd`` pixel dimensions (see :func:`load_network`).
+        cases: how many records to read.
+
+    Yields:
+        ``{key: [C, H, W, D] tensor for each of keys, "label": [1, H, W, D]}`` (nearest-neighbour label).
+    """
+    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
+                                  Spacingd)
+
+    files = [*keys, "label"]
+    preprocess = Compose([LoadImaged(files, image_only=True), EnsureChannelFirstd(files), Orientationd(files, "RAS"),
+                          Spacingd(files, pixdim, mode=["bilinear"] * len(keys) + ["nearest"]),
+                          NormalizeIntensityd(keys, channel_wise=True)])
+    for record in bundle_module(BUNDLE, "datalist").load_datalist(datalist, "unlabeled")[:cases]:
+        label = Path(record[keys[0]][0]).parent.parent / "labelsTr" / f"{record['case']}.nii.gz"
+        yield preprocess({**{k: record[k] for k in keys}, "label": str(label)})
 
 
 def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str | None = "configs/cpu_demo.json",

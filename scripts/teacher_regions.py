@@ -25,7 +25,7 @@ import fire
 import torch
 
 from bundle_imports import bundle_module
-from liver_errors import load_network
+from liver_errors import load_network, unlabelled_volumes
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cdugjl_liver"
 
@@ -49,23 +49,14 @@ def main(checkpoint: str, datalist: str, cases: int = 12, kept_fraction: float =
         "wrong", "threshold": {"removed", "wrong_removed"}, "kept_fraction": {...}}, "largest_uncertainty",
         "settings"}``.
     """
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
-                                  Spacingd)
-
     network, inferer, pixdim, input_key = load_network(checkpoint, overlay, teacher=True)
     consistency = bundle_module(BUNDLE, "consistency")
-    keys = [input_key, "label"]
-    preprocess = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, "RAS"),
-                          Spacingd(keys, pixdim, mode=["bilinear", "nearest"]),
-                          NormalizeIntensityd(input_key, channel_wise=True)])
 
     result: dict = {name: {"voxels": 0, "wrong": 0, "threshold": {"removed": 0, "wrong_removed": 0},
                            "kept_fraction": {"removed": 0, "wrong_removed": 0}} for name in ("tumour", "background")}
     largest = 0.0
-    records = bundle_module(BUNDLE, "datalist").load_datalist(datalist, "unlabeled")[:cases]
-    for record in records:
-        label_file = Path(record[input_key][0]).parent.parent / "labelsTr" / f"{record['case']}.nii.gz"
-        data = preprocess({input_key: record[input_key], "label": str(label_file)})
+    read = 0
+    for read, data in enumerate(unlabelled_volumes(datalist, [input_key], pixdim, cases), 1):
         with torch.no_grad():
             alpha = inferer(data[input_key][None], network).as_tensor()  # [1, K, H, W, D]
         uncertainty = alpha.shape[1] / alpha.sum(1)[0]
@@ -81,7 +72,7 @@ def main(checkpoint: str, datalist: str, cases: int = 12, kept_fraction: float =
                 entry[gate]["removed"] += int((members & removed).sum())
                 entry[gate]["wrong_removed"] += int((members & removed & wrong).sum())
     result["largest_uncertainty"] = largest
-    result["settings"] = {"checkpoint": checkpoint, "datalist": datalist, "cases": len(records),
+    result["settings"] = {"checkpoint": checkpoint, "datalist": datalist, "cases": read,
                           "kept_fraction": kept_fraction, "max_uncertainty": max_uncertainty}
     for name in ("tumour", "background"):
         e = result[name]

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-import train_log_summary  # noqa: E402
+import train_log_summary  # pytest.ini puts scripts/ on the path
 
 
 def test_window_means_group_iterations_across_epochs(tmp_path, capsys):

@@ -34,6 +34,18 @@ The bundle's workflow (network, checkpoint, transforms, inferer) is built once p
 :class:`monai.bundle.ConfigWorkflow`; each case is run through it by swapping the one record of its dataset. After a
 case fails inside the workflow, it is built afresh for the next case (an ignite engine that raised does not run
 cleanly again).
+Several processes, on one machine or several (``torchrun``; the script itself is unchanged)::
+
+    torchrun --nnodes=1 --nproc_per_node=4 scripts/batch_infer.py --bundle ... --inputs ... --out_dir ...
+
+Each process (rank ``r`` of ``w``, from ``RANK`` / ``WORLD_SIZE``) takes the cases ``r, r + w, r + 2w, ...`` of the
+case list (:class:`Shard`) and stages its outputs in its own folder; the per-case folders, markers and reruns work as
+in one process. When every rank has finished its share, the ranks exchange their rows (``torch.distributed``, gloo)
+and rank 0 writes one ``run_summary.json`` / ``.csv`` that lists every case once, in the case list's order, with
+the ``rank`` and ``host`` that ran it; each rank returns (and exits with the code of) the whole run. Across nodes,
+``out_dir`` should be a shared filesystem (each node otherwise holds the case folders of its own ranks). With CUDA and
+no ``--device``, rank ``r`` uses ``cuda:<LOCAL_RANK>``.
+
 Bundle configs execute code (``$`` expressions, ``_target_`` imports): run only bundles from a trusted source.
 """
 
@@ -45,10 +57,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +74,13 @@ from tqdm import tqdm
 from bundle_imports import bundle_module, use_bundle
 from input_checks import InputError, check_case, load_cases
 
-__all__ = ["BatchOptions", "BundleRunner", "WorkflowError", "bundle_cases", "provenance", "quality_check",
+__all__ = ["BatchOptions", "BundleRunner", "Shard", "WorkflowError", "bundle_cases", "provenance", "quality_check",
            "save_overview", "run_batch", "with_bundle_defaults", "main"]
 
 DONE_MARKER = "done.json"
 STAGING = ".staging"
+# how long the ranks of a sharded run wait for the slowest share before merging their rows
+MERGE_TIMEOUT = timedelta(days=7)
 logger = logging.getLogger("batch_infer")
 
 
@@ -118,6 +134,36 @@ def with_bundle_defaults(options: BatchOptions, meta: dict) -> BatchOptions:
     return options
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a run started by ``torchrun``: rank ``rank`` of ``world`` processes.
+
+    Args:
+        rank: the global rank (``RANK``).
+        world: the number of processes (``WORLD_SIZE``).
+        local_rank: the rank on this machine (``LOCAL_RANK``), which picks the GPU.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """The shard ``torchrun`` describes in the environment (one process of one when it is not set)."""
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    def take(self, records: list[dict]) -> list[dict]:
+        """This rank's cases: ``records[rank::world]`` (disjoint across ranks, together every case once)."""
+        return records[self.rank::self.world]
+
+    @property
+    def staging(self) -> str:
+        """The folder (inside ``out_dir``) this rank's bundle runs write to."""
+        return STAGING if self.world == 1 else f"{STAGING}-{self.rank}"
+
+
 def bundle_cases(bundle: str | os.PathLike, inputs: str, options: BatchOptions = BatchOptions()) -> list[dict]:
     """The cases of ``inputs`` (:func:`input_checks.load_cases`), named by the bundle's own rule
     (``scripts/case_meta.py``) with its modalities' file-name suffixes (or ``options.modality_suffixes``)."""
@@ -148,6 +194,7 @@ class BundleRunner:
         from monai.bundle import ConfigParser, ConfigWorkflow
 
         self.bundle = use_bundle(Path(bundle).resolve())
+        self.staging_dir = Path(staging_dir)
         configs = self.bundle / "configs"
         config_files = [str(configs / "inference.json")]
         config_files += [str(p if os.path.isabs(p) else self.bundle / p) for p in options.overlays]
@@ -356,7 +403,7 @@ def _process(runner: BundleRunner, record: dict, out_dir: Path, qc_threshold: fl
              made_by: dict[str, Any], doubt_spec: tuple[str, bool] | None) -> dict[str, Any]:
     """Run one validated case into ``.partial-<case>`` and move it into place; returns its ``done.json``."""
     case = record["case"]
-    staging, partial, final = out_dir / STAGING, out_dir / f".partial-{case}", out_dir / case
+    staging, partial, final = runner.staging_dir, out_dir / f".partial-{case}", out_dir / case
     for folder in (staging, partial):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -395,63 +442,43 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _build_runner(bundle: Path, out: Path, record: dict, options: BatchOptions) -> BundleRunner:
+def _build_runner(bundle: Path, staging: Path, record: dict, options: BatchOptions) -> BundleRunner:
     try:
-        return BundleRunner(bundle, out / STAGING, record, options)
+        return BundleRunner(bundle, staging, record, options)
     except Exception as e:
         cause = _root_cause(e)
         raise WorkflowError(f"cannot build the inference workflow of {bundle}: {type(cause).__name__}: "
                             f"{str(cause).splitlines()[0] if str(cause) else ''}") from e
 
 
-def _write_summary(out_dir: Path, rows: list[dict], meta: dict) -> None:
-    _write_json(out_dir / "run_summary.json", {**meta, "cases": rows})
+def _write_summary(out_dir: Path, rows: list[dict], meta: dict, name: str = "run_summary") -> None:
+    """``<name>.json`` (``meta`` and the rows) and ``<name>.csv`` (one line per row) in ``out_dir``."""
+    _write_json(out_dir / f"{name}.json", {**meta, "cases": rows})
     fields = ["case", "status", "reason", "seconds", "needs_review", "qc_reason", "outputs"]
-    tmp = out_dir / "run_summary.csv.tmp"
+    fields += [f for f in ("rank", "host") if any(f in row for row in rows)]
+    tmp = out_dir / f"{name}.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "outputs": ";".join(row.get("outputs", {}).values())})
-    os.replace(tmp, out_dir / "run_summary.csv")
+    os.replace(tmp, out_dir / f"{name}.csv")
 
 
-def run_batch(
-    bundle: str,
-    inputs: str,
-    out_dir: str,
-    options: BatchOptions = BatchOptions(),
-) -> dict[str, Any]:
-    """Run the bundle over every case; see the module docstring. Returns the run summary (also written to disk).
-
-    Args:
-        bundle: the bundle folder.
-        inputs: a folder of NIfTI files, a CSV or a datalist JSON (:func:`input_checks.load_cases`).
-        out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
-        options: how to run it (:class:`BatchOptions`).
+def _run_cases(records: list[dict], bundle: Path, meta: dict, out: Path, staging: Path, options: BatchOptions,
+               made_by: dict[str, Any], progress: tuple[str, dict], rows: list[dict]) -> None:
+    """Run ``records`` one by one, appending one row per case to ``rows`` and rewriting the progress summary
+    (``progress``: its file name and metadata) after each.
 
     Raises:
-        InputError: the case list is unusable (missing, empty, duplicate case ids).
-        WorkflowError: the bundle's workflow cannot be built (bad config, overlay or checkpoint); the summary
-            written so far records it.
+        WorkflowError: the bundle's workflow cannot be built; its row is in ``rows``.
     """
-    bundle_path = Path(bundle).resolve()
-    meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
     channels, modality = int(image.get("num_channels", 1)), image.get("modality")
-    rule = bundle_module(bundle_path, "modality")  # the rule the bundle's inference preprocessing applies too
-    options = with_bundle_defaults(options, meta)
-    records = bundle_cases(bundle_path, inputs, options)
-    qc_threshold = options.qc_threshold
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    rule = bundle_module(bundle, "modality")  # the rule the bundle's inference preprocessing applies too
     runner: BundleRunner | None = None
-    rows: list[dict] = []
-    made_by = provenance(bundle_path, meta, options)
-    summary_meta = {"bundle": str(bundle_path), "inputs": os.path.abspath(inputs), "out_dir": str(out),
-                    "checkpoint": options.checkpoint, "provenance": made_by, "qc_threshold": qc_threshold,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    for record in tqdm(records, desc=f"{bundle_path.name}", unit="case", disable=not options.progress):
+    name, summary_meta = progress
+    for record in tqdm(records, desc=bundle.name, unit="case", disable=not options.progress):
         case, start = record["case"], time.perf_counter()
         row: dict[str, Any] = {"case": case, "status": "", "reason": "", "seconds": 0.0, "needs_review": "",
                                "qc_reason": "", "outputs": {}}
@@ -468,8 +495,8 @@ def run_batch(
                 row["reason"] = f"recomputed: the earlier output was made with another {', '.join(changed)}"
             check_case(record, modalities=channels, modality=modality, rule=rule)
             if runner is None:
-                runner = _build_runner(bundle_path, out, record, options)
-            done = _process(runner, record, out, qc_threshold, options.png, made_by, doubt_map(meta))
+                runner = _build_runner(bundle, staging, record, options)
+            done = _process(runner, record, out, options.qc_threshold, options.png, made_by, doubt_map(meta))
             row.update(status="done", outputs=done["outputs"], needs_review=done["qc"]["needs_review"],
                        qc_reason=done["qc"]["reason"], qc=done["qc"])
         except InputError as e:
@@ -477,7 +504,7 @@ def run_batch(
         except WorkflowError as e:
             row.update(status="failed", reason=str(e), seconds=round(time.perf_counter() - start, 3))
             rows.append(row)
-            _write_summary(out, rows, {**summary_meta, "error": str(e)})
+            _write_summary(out, rows, {**summary_meta, "error": str(e)}, name)
             raise
         except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
             logger.exception("case %s failed", case)
@@ -488,12 +515,90 @@ def run_batch(
             shutil.rmtree(out / f".partial-{case}", ignore_errors=True)
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
-        _write_summary(out, rows, summary_meta)
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+        _write_summary(out, rows, summary_meta, name)
+
+
+def _gather(rows: list[dict], error: str | None, shard: Shard, order: list[str]) -> tuple[list[dict], list[str]]:
+    """Every rank's rows, in the case list's ``order``, and their workflow errors (``"rank r: ..."``), on every rank
+    (``torch.distributed.all_gather_object``; a gloo process group is started here when none is)."""
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", timeout=MERGE_TIMEOUT)
+    try:
+        shares: list[Any] = [None] * shard.world
+        dist.all_gather_object(shares, {"rank": shard.rank, "rows": rows, "error": error})
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    position = {case: i for i, case in enumerate(order)}
+    merged = sorted((row for share in shares for row in share["rows"]), key=lambda row: position[row["case"]])
+    return merged, [f"rank {share['rank']}: {share['error']}" for share in shares if share["error"]]
+
+
+def run_batch(
+    bundle: str,
+    inputs: str,
+    out_dir: str,
+    options: BatchOptions = BatchOptions(),
+) -> dict[str, Any]:
+    """Run the bundle over every case (this rank's share under ``torchrun``); see the module docstring. Returns the
+    run summary (also written to disk).
+
+    Args:
+        bundle: the bundle folder.
+        inputs: a folder of NIfTI files, a CSV or a datalist JSON (:func:`input_checks.load_cases`).
+        out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
+        options: how to run it (:class:`BatchOptions`).
+
+    Raises:
+        InputError: the case list is unusable (missing, empty, duplicate case ids).
+        WorkflowError: the bundle's workflow cannot be built (bad config, overlay or checkpoint), on any rank; the
+            summary records it.
+    """
+    bundle_path = Path(bundle).resolve()
+    meta = json.loads((bundle_path / "configs" / "metadata.json").read_text())
+    options = with_bundle_defaults(options, meta)
+    records = bundle_cases(bundle_path, inputs, options)
+    shard = Shard.from_env()
+    if shard.world > 1 and options.device is None:
+        import torch
+
+        options = replace(options, device=f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    made_by = provenance(bundle_path, meta, options)
+    summary_meta = {"bundle": str(bundle_path), "inputs": os.path.abspath(inputs), "out_dir": str(out),
+                    "checkpoint": options.checkpoint, "provenance": made_by, "qc_threshold": options.qc_threshold,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    progress = "run_summary" if shard.world == 1 else f"run_summary.rank{shard.rank}"
+    rows: list[dict] = []
+    failure: WorkflowError | None = None
+    try:
+        _run_cases(shard.take(records), bundle_path, meta, out, out / shard.staging, options, made_by,
+                   (progress, summary_meta), rows)
+    except WorkflowError as e:
+        failure = e
+    shutil.rmtree(out / shard.staging, ignore_errors=True)
+    errors = [str(failure)] if failure else []
+    if shard.world > 1:
+        host = socket.gethostname()
+        rows = [{**row, "rank": shard.rank, "host": host} for row in rows]
+        rows, errors = _gather(rows, str(failure) if failure else None, shard, [record["case"] for record in records])
+        for suffix in ("json", "csv"):
+            (out / f"{progress}.{suffix}").unlink(missing_ok=True)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "invalid", "failed")}
     counts["needs_review"] = sum(r["needs_review"] is True for r in rows)
     summary_meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), counts=counts)
-    _write_summary(out, rows, summary_meta)
+    if errors:
+        summary_meta["error"] = "; ".join(errors)
+    if shard.rank == 0:
+        _write_summary(out, rows, summary_meta)
+    if failure is not None and shard.world == 1:
+        raise failure
+    if errors:
+        raise WorkflowError(summary_meta["error"])
     return {**summary_meta, "cases": rows}
 
 

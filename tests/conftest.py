@@ -45,6 +45,14 @@ def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env:
     return proc
 
 
+def torchrun() -> list[str]:
+    """The ``torchrun`` launcher of the running interpreter's environment."""
+    import sys
+
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
 def cpu_demo_checkpoint(bundle_root: Path, models: Path) -> dict:
     """What a ``cpu_demo`` training run leaves in its checkpoint folder ``models``: ``model.pt`` (a seeded random
     ``network_def``) and the ``network.json`` written by train.json's own ``NetworkArgumentsSaver`` handler.

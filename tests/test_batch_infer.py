@@ -22,7 +22,7 @@ import torch
 import batch_infer
 from batch_infer import BatchOptions
 from bundle_imports import use_bundle
-from conftest import BUNDLES, REPO
+from conftest import BUNDLES, REPO, torchrun
 
 CT, LIVER = "ceds_mediastinum", "cdugjl_liver"
 OVERLAY = "configs/cpu_demo.json"
@@ -364,3 +364,50 @@ def test_cli_exit_codes(ct_data, ct_model, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and f"{empty}: no cases found" in bad.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_shards_are_disjoint_and_cover_every_case():
+    records = [{"case": f"c{i}"} for i in range(7)]
+    shares = [batch_infer.Shard(rank, 3).take(records) for rank in range(3)]
+    assert sorted(r["case"] for share in shares for r in share) == sorted(r["case"] for r in records)
+    assert shares[1] == [records[1], records[4]]
+    assert batch_infer.Shard().take(records) == records and batch_infer.Shard().staging == ".staging"
+
+
+@pytest.mark.integration
+def test_torchrun_shards_cases_and_merges_one_summary(ct_data, ct_model, tmp_path):
+    """``torchrun --nproc_per_node=2 scripts/batch_infer.py``: each rank runs its own share of the cases (one bad case
+    among them), rank 0 writes one summary with every case once in the input order, nothing per rank is left
+    behind, both ranks exit with the run's code, and a single-process rerun skips every finished case."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in ("ct_000", "ct_001", "ct_002", "ct_003"):
+        shutil.copy(ct_data / "imagesTr" / f"{case}.nii.gz", inputs)
+    cut = (ct_data / "imagesTr" / "ct_004.nii.gz").read_bytes()
+    (inputs / "ct_cut.nii.gz").write_bytes(cut[: len(cut) // 2])
+    out = tmp_path / "out"
+    args = ["--bundle", str(BUNDLES / CT), "--inputs", str(inputs), "--out_dir", str(out), "--checkpoint",
+            str(ct_model), "--overlay", OVERLAY]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*torchrun(), "--standalone", "--nnodes=1", "--nproc_per_node=2",
+                           str(REPO / "scripts" / "batch_infer.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]  # the bad case; torchrun reports the ranks' exit code
+    summary = json.loads((out / "run_summary.json").read_text())
+    order = [c["case"] for c in batch_infer.bundle_cases(BUNDLES / CT, str(inputs))]
+    assert [r["case"] for r in summary["cases"]] == order  # every case once, in the input order
+    by_rank = {rank: [r["case"] for r in summary["cases"] if r["rank"] == rank] for rank in (0, 1)}
+    assert by_rank == {rank: order[rank::2] for rank in (0, 1)}
+    assert {r["case"]: r["status"] for r in summary["cases"]} == {**{c: "done" for c in order if c != "ct_cut"},
+                                                                  "ct_cut": "invalid"}
+    assert summary["counts"]["done"] == 4 and summary["counts"]["invalid"] == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(["ct_000", "ct_001", "ct_002", "ct_003",
+                                                            "run_summary.csv", "run_summary.json"])
+    with open(out / "run_summary.csv", newline="") as f:
+        assert [(r["case"], r["rank"]) for r in csv.DictReader(f)] == [(r["case"], str(r["rank"]))
+                                                                      for r in summary["cases"]]
+    rerun = batch_infer.run_batch(str(BUNDLES / CT), str(inputs), str(out),
+                                  BatchOptions(checkpoint=str(ct_model), overlay=OVERLAY, device="cpu",
+                                               progress=False))
+    assert {r["case"]: r["status"] for r in rerun["cases"] if r["case"] != "ct_cut"} == {
+        c: "skipped" for c in order if c != "ct_cut"}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLES, run_cmd
+from conftest import BUNDLES, run_cmd, torchrun
 
 DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 # configs trained first (one process, one epoch, same ckpt_dir): the liver student distils from the contrast-enhanced
@@ -37,12 +37,6 @@ RANK_STATES = {
         "$dist.destroy_process_group()",
     ]
 }
-
-
-def torchrun() -> list[str]:
-    """The ``torchrun`` launcher of the running interpreter's environment."""
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The modules both bundles ship (``scripts/architecture.py``, tested in ``test_architecture.py``, ``scripts/case_meta.py``, ``scripts/mean_teacher.py``, ``scripts/modality.py`` (tested in ``test_input_checks.py``), ``scripts/semi_supervised.py``,
+"""The modules both bundles ship (``scripts/architecture.py``, tested in ``test_architecture.py``, ``scripts/case_meta.py``, ``scripts/dicom_series.py`` (tested in ``test_dicom.py``), ``scripts/mean_teacher.py``, ``scripts/modality.py`` (tested in ``test_input_checks.py``), ``scripts/semi_supervised.py``,
 ``scripts/surface_metrics.py`` and ``scripts/datalist.py``, tested in ``test_undefined_distances.py`` and
 ``test_liver_data.py``): identical copies, and what each piece does."""
 
@@ -12,8 +12,8 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("architecture.py", "case_meta.py", "datalist.py", "mean_teacher.py", "modality.py", "semi_supervised.py",
-          "surface_metrics.py")
+COMMON = ("architecture.py", "case_meta.py", "datalist.py", "dicom_series.py", "mean_teacher.py", "modality.py",
+          "semi_supervised.py", "surface_metrics.py")
 
 
 @pytest.mark.parametrize("name", COMMON)

@@ -1,0 +1,195 @@
+"""DICOM series input: ``scripts/dicom_io.py`` writes a phantom as a series, each bundle's ``inference.json`` reads a
+series folder (one per MR sequence) and gives the result it gives for the same volume as NIfTI, and
+``scripts/dicom_series.py`` refuses a folder that would not read as one volume, naming the folder and the series."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import dicom_io
+from bundle_imports import bundle_module, use_bundle
+from conftest import BUNDLES
+
+pydicom = pytest.importorskip("pydicom")
+
+CT, LIVER = "ceds_mediastinum", "cdugjl_liver"
+
+
+def _volume(shape=(8, 10, 6), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """A small integer volume and an oblique RAS affine (rotated in-plane, 2.5 mm slices)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(-1000, 1000, size=shape).astype(np.float32)
+    angle = 0.3
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine[:3, :3] = affine[:3, :3] @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = [-20.0, 15.0, -40.0]
+    return array, affine
+
+
+def test_series_reads_back_as_the_volume_and_affine(tmp_path):
+    """What MONAI's reader makes of a written series: the same array and affine (also with slices stored from the
+    top down)."""
+    from monai.transforms import LoadImage
+
+    array, affine = _volume()
+    flipped = affine.copy()
+    flipped[:3, 2] *= -1  # slice k + 1 lies below slice k
+    for name, a in (("up", affine), ("down", flipped)):
+        dicom_io.write_series(array, a, tmp_path / name, "CT", "test")
+        image = LoadImage(image_only=True)(str(tmp_path / name))
+        np.testing.assert_array_equal(np.asarray(image), array)
+        np.testing.assert_allclose(np.asarray(image.affine), a, atol=1e-4)
+    mr = array * 0.37 + 12.1
+    dicom_io.write_series(mr, affine, tmp_path / "mr", "MR")
+    np.testing.assert_allclose(np.asarray(LoadImage(image_only=True)(str(tmp_path / "mr"))), dicom_io.quantised(mr),
+                               atol=1e-5)
+    assert np.abs(dicom_io.quantised(mr) - mr).max() < 0.01
+
+
+def _problem(folder: Path, modality: str | None = "CT") -> str:
+    checks = bundle_module(CT, "dicom_series")
+    with pytest.raises(checks.DicomSeriesError) as info:
+        checks.check_series(folder, modality)
+    return str(info.value)
+
+
+def test_check_series_names_the_folder_series_and_problem(tmp_path):
+    checks = bundle_module(CT, "dicom_series")
+    array, affine = _volume()
+    good = tmp_path / "good"
+    uids = dicom_io.write_series(array, affine, good, "CT", "chest")
+    info = checks.check_series(good, "CT")
+    assert info["series_uid"] == uids["series"] and info["slices"] == 6 and info["spacing"] == pytest.approx(2.5, abs=1e-4)
+
+    assert f"{good} (series 'chest' ({uids['series']})): modality CT; this model expects MR" in _problem(good, "MR")
+
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "slice_0003.dcm").unlink()
+    assert "1 missing slice(s) between" in _problem(missing) and str(missing) in _problem(missing)
+
+    uneven = tmp_path / "uneven"
+    stretched = affine.copy()
+    dicom_io.write_series(array[..., :3], stretched, uneven, "CT", "chest")
+    stretched[:3, 3] += stretched[:3, 2] * 3.4  # the next three slices start 3.4 slices on: a gap of 1.4 slices
+    dicom_io.write_series(array[..., 3:], stretched, tmp_path / "upper", "CT", "chest")
+    for f in (tmp_path / "upper").iterdir():  # same series, continued instance numbers
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = pydicom.dcmread(next(uneven.iterdir())).SeriesInstanceUID
+        ds.InstanceNumber += 3
+        ds.save_as(uneven / f"upper_{f.name}")
+    assert "uneven slice spacing" in _problem(uneven)
+
+    two = tmp_path / "two"
+    shutil.copytree(good, two)
+    other = dicom_io.write_series(array, affine, tmp_path / "other", "CT", "abdomen")
+    for f in (tmp_path / "other").iterdir():
+        shutil.copy(f, two / f"other_{f.name}")
+    message = _problem(two)
+    assert f"{two}: holds 2 series" in message and other["series"] in message and "'abdomen'" in message
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(good, mixed)
+    ds = pydicom.dcmread(mixed / "slice_0002.dcm")
+    ds.Modality = "MR"
+    ds.save_as(mixed / "slice_0002.dcm")
+    assert "mixed modalities ['CT', 'MR']" in _problem(mixed)
+
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(good, shuffled)
+    for name, number in (("slice_0001.dcm", 5), ("slice_0004.dcm", 2)):
+        ds = pydicom.dcmread(shuffled / name)
+        ds.InstanceNumber = number
+        ds.save_as(shuffled / name)
+    assert "instance numbers do not follow the slice positions" in _problem(shuffled)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not DICOM")
+    assert f"{empty}: holds no DICOM file" in _problem(empty)
+
+
+def test_sequences_of_one_input_must_share_geometry(tmp_path):
+    checks = bundle_module(LIVER, "dicom_series")
+    array, affine = _volume()
+    dicom_io.write_series(array + 1000, affine, tmp_path / "t2w", "MR", "T2WI")
+    shifted = affine.copy()
+    shifted[:3, 3] += [0.0, 0.0, 1.0]
+    dicom_io.write_series(array + 1000, shifted, tmp_path / "dwi", "MR", "DWI")
+    check = checks.DicomSeriesCheckd("image", modality="MR")
+    with pytest.raises(checks.DicomSeriesError, match="'DWI'.*'T2WI'.*share their slice geometry"):
+        check({"image": [str(tmp_path / "t2w"), str(tmp_path / "dwi")]})
+    dicom_io.write_series(array + 1000, affine, tmp_path / "dwi_ok", "MR", "DWI")
+    files = {"image": [str(tmp_path / "t2w"), str(tmp_path / "dwi_ok")]}
+    assert check(files) == files
+    assert check({"image": "volume.nii.gz"}) == {"image": "volume.nii.gz"}  # files are not its business
+
+
+def _run_inference(bundle: str, image: str | list[str], checkpoint: Path, out: Path) -> Path:
+    """Run the bundle's ``inference.json`` (cpu_demo widths) on one input; returns the case's output folder."""
+    from monai.bundle import ConfigWorkflow
+
+    root = BUNDLES / bundle
+    workflow = ConfigWorkflow(config_file=[str(root / "configs" / "inference.json"),
+                                           str(root / "configs" / "cpu_demo.json")],
+                              meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                              workflow_type="infer", bundle_root=str(root), output_dir=str(out),
+                              data=[{"image": image}], checkpoint=str(checkpoint), device="cpu")
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bundle", [CT, LIVER])
+def test_inference_on_a_series_equals_inference_on_nifti(bundle, ct_data, liver_data, tmp_path):
+    """A phantom case as NIfTI and as DICOM series (the liver's T2WI and DWI as two series of one study): the same
+    mask, the same output affine, the same doubt map to float rounding."""
+    from monai.bundle import ConfigParser
+
+    data, case = (ct_data, "ct_000") if bundle == CT else (liver_data, "liver_000")
+    root = BUNDLES / bundle
+    use_bundle(root)
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "inference.json"), str(root / "configs" / "cpu_demo.json")])
+    parser["bundle_root"] = str(root)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), checkpoint)
+
+    sources = ([data / "imagesTr" / f"{case}.nii.gz"] if bundle == CT else
+               [data / "imagesTr" / f"{case}_{s}.nii.gz" for s in ("t2w", "dwi")])
+    modality = "CT" if bundle == CT else "MR"
+    niftis, series = [], []
+    study = pydicom.uid.generate_uid()
+    for n, source in enumerate(sources):
+        image = nib.load(source)
+        values = dicom_io.quantised(np.asarray(image.dataobj, dtype=np.float32))  # what the series holds
+        niftis.append(tmp_path / "nifti" / source.name)
+        niftis[-1].parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(values, image.affine), niftis[-1])
+        series.append(tmp_path / "dicom" / source.name.split(".")[0])
+        dicom_io.write_series(values, image.affine, series[-1], modality, source.name, study_uid=study,
+                              series_number=n + 1)
+    as_input = (lambda paths: str(paths[0])) if bundle == CT else (lambda paths: [str(p) for p in paths])
+    from_nifti = _run_inference(bundle, as_input(niftis), checkpoint, tmp_path / "out_nifti")
+    from_dicom = _run_inference(bundle, as_input(series), checkpoint, tmp_path / "out_dicom")
+
+    doubt = "confidence" if bundle == CT else "uncertainty"
+    for output in ("seg", doubt):
+        a = nib.load(next(from_nifti.glob(f"*_{output}.nii.gz")))
+        b = nib.load(next(from_dicom.glob(f"*_{output}.nii.gz")))
+        np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
+        if output == "seg":
+            np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
+        else:
+            np.testing.assert_allclose(np.asarray(b.dataobj), np.asarray(a.dataobj), atol=1e-4)

@@ -17,6 +17,9 @@ SHA-256, the overlays and the overrides (:func:`provenance`). A rerun skips a ca
 provenance and recomputes one made with another checkpoint, bundle version, overlay or override (its row says
 what differed), so no output is ever attributed to weights that did not make it.
 
+An image may be a NIfTI file or a folder holding one DICOM series (one per modality): the bundle reads it with MONAI's
+``PydicomReader``, after its own check of the series (``scripts/dicom_series.py``), and writes the same outputs.
+
 Each case is validated (:mod:`input_checks`: header first, then a streamed pass over the voxels) before any compute
 is spent on it. A case that is invalid or fails during inference is recorded with its reason in
 ``run_summary.json``/``run_summary.csv`` and the run goes on; the exit code is 1 when any case failed or was
@@ -394,8 +397,13 @@ def _doubt_map(partial: Path, outputs: dict[str, str], spec: tuple[str, bool] | 
 
 
 def _first_channel(paths: str | list[str]) -> np.ndarray:
-    first = nib.load(paths if isinstance(paths, str) else paths[0])
-    data = np.asarray(first.dataobj, dtype=np.float32)
+    """The first channel of a case's image as its outputs are laid out (a DICOM series as MONAI's reader stacks it)."""
+    first = paths if isinstance(paths, str) else paths[0]
+    if os.path.isdir(first):
+        from monai.transforms import LoadImage
+
+        return np.asarray(LoadImage(image_only=True)(first), dtype=np.float32)
+    data = np.asarray(nib.load(first).dataobj, dtype=np.float32)
     return data[..., 0] if data.ndim == 4 else data
 
 
@@ -476,6 +484,7 @@ def _run_cases(records: list[dict], bundle: Path, meta: dict, out: Path, staging
     image = meta["network_data_format"]["inputs"]["image"]
     channels, modality = int(image.get("num_channels", 1)), image.get("modality")
     rule = bundle_module(bundle, "modality")  # the rule the bundle's inference preprocessing applies too
+    series = bundle_module(bundle, "dicom_series")  # and its check of DICOM series folders
     runner: BundleRunner | None = None
     name, summary_meta = progress
     for record in tqdm(records, desc=bundle.name, unit="case", disable=not options.progress):
@@ -493,7 +502,7 @@ def _run_cases(records: list[dict], bundle: Path, meta: dict, out: Path, staging
                     rows.append(row)
                     continue
                 row["reason"] = f"recomputed: the earlier output was made with another {', '.join(changed)}"
-            check_case(record, modalities=channels, modality=modality, rule=rule)
+            check_case(record, modalities=channels, modality=modality, rule=rule, series=series)
             if runner is None:
                 runner = _build_runner(bundle, staging, record, options)
             done = _process(runner, record, out, options.qc_threshold, options.png, made_by, doubt_map(meta))
@@ -548,7 +557,8 @@ def run_batch(
 
     Args:
         bundle: the bundle folder.
-        inputs: a folder of NIfTI files, a CSV or a datalist JSON (:func:`input_checks.load_cases`).
+        inputs: a folder of NIfTI files and / or DICOM series folders, a CSV or a datalist JSON whose images may be
+            series folders (:func:`input_checks.load_cases`).
         out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
         options: how to run it (:class:`BatchOptions`).
 
@@ -620,7 +630,8 @@ def main(
 
     Args:
         bundle: the bundle folder.
-        inputs: a folder of NIfTI files, a CSV (``case``, ``image`` with ``;`` between modalities, ``label``) or
+        inputs: a folder of NIfTI files and / or DICOM series folders (a multi-modal case: one per modality, named
+            with the modality suffixes), a CSV (``case``, ``image`` with ``;`` between modalities, ``label``) or
             a datalist JSON (a list of records or a dict of splits).
         out_dir: where the per-case folders and ``run_summary.json``/``.csv`` go.
         checkpoint, overlay, split, device, sw_batch_size, png, qc_threshold, modality_suffixes, override: see

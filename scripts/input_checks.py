@@ -1,4 +1,4 @@
-"""Validation of NIfTI inputs, labels and case lists before any compute is spent on them.
+"""Validation of NIfTI and DICOM-series inputs, labels and case lists before any compute is spent on them.
 
 Every problem raises :class:`InputError`, which names the offending file and the problem in one line. The checks run
 in two stages so that nothing big is read before the cheap checks pass:
@@ -11,6 +11,11 @@ in two stages so that nothing big is read before the cheap checks pass:
    NaN/Inf voxels or an all-constant image are found with memory bounded by one slab, not by the volume; the same
    pass tells whether the intensities look like the model's modality (:func:`check_modality`, with the bundle's own
    rule, ``scripts/modality.py``, which its inference preprocessing applies too: CT in HU has air).
+
+An image may also be a folder holding one DICOM series (one folder per sequence of a multi-modal model): its header
+level is the bundle's own check of the series (``scripts/dicom_series.py``: one series, the model's modality, every
+slice present, even spacing; :func:`series_header`), its voxel level a pass over the slices, one file at a time
+(:func:`scan_series`).
 
 :func:`check_case` combines them for one case (several modalities that must belong together, an optional label
 that must match the image and hold only 0/1); :func:`load_cases` reads a folder, a CSV file or a datalist JSON and
@@ -37,6 +42,8 @@ __all__ = [
     "VoxelStats",
     "check_header",
     "scan_voxels",
+    "series_header",
+    "scan_series",
     "check_image",
     "check_label",
     "check_modalities",
@@ -53,6 +60,11 @@ CaseName = Callable[[str | Sequence[str], Sequence[str]], str]
 ModalityRule = ModuleType
 """A bundle's ``scripts/modality.py`` (loaded by path): ``AIR_HU`` and ``modality_problem(modality, air_fraction,
 minimum, maximum) -> problem or None``."""
+
+
+SeriesRule = ModuleType
+"""A bundle's ``scripts/dicom_series.py`` (loaded by path): ``check_series(folder, modality) -> info`` and
+``DicomSeriesError`` (``source``, ``problem``)."""
 
 
 class InputError(ValueError):
@@ -235,6 +247,62 @@ def scan_voxels(path: str | os.PathLike, max_slab_bytes: int = 16 * 2**20, air_b
     return VoxelStats(ends[0], ends[1], scaled, air / max(int(np.prod(shape)), 1))
 
 
+def series_header(folder: str | os.PathLike, series: SeriesRule, modality: str | None = None) -> HeaderInfo:
+    """Header-level checks of a DICOM series folder by the bundle's own rule (reads the slice headers only).
+
+    Args:
+        folder: the series folder.
+        series: the bundle's ``scripts/dicom_series.py``.
+        modality: the DICOM ``Modality`` the model expects (``None``: not checked).
+
+    Returns:
+        the :class:`HeaderInfo` of the volume a reader stacks: shape ``(columns, rows, slices)``, spacing, and the
+        RAS affine (voxel ``(i, j, k)`` is column ``i``, row ``j`` of the ``k``-th slice by instance number).
+
+    Raises:
+        InputError: the rule's problem, naming the folder and the series.
+    """
+    try:
+        info = series.check_series(folder, modality)
+    except series.DicomSeriesError as e:
+        raise InputError(e.source, e.problem) from None
+    orientation, positions = np.asarray(info["orientation"]), np.asarray(info["positions"])
+    between_rows, between_columns = info["pixel_spacing"]
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = orientation[:3] * between_columns, orientation[3:] * between_rows
+    lps[:3, 2], lps[:3, 3] = step, positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    shape = (info["size"][1], info["size"][0], info["slices"])
+    return HeaderInfo(os.fspath(folder), shape, (between_columns, between_rows, float(np.linalg.norm(step))), affine, 1)
+
+
+def scan_series(files: Sequence[str], air_below: float = -np.inf) -> VoxelStats:
+    """One pass over the pixel data of a series, one slice file at a time (after ``RescaleSlope`` /
+    ``RescaleIntercept``): the same summary as :func:`scan_voxels`.
+
+    Raises:
+        InputError: a slice whose pixel data cannot be decoded, naming the file.
+    """
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
+    low, high, below, count, values = np.inf, -np.inf, 0, 0, set()
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file)
+            data = np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float64)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the file's problem
+            raise InputError(file, f"pixel data cannot be read ({type(e).__name__}: {e})") from None
+        low, high = min(low, float(data.min())), max(high, float(data.max()))
+        below += int((data < air_below).sum())
+        count += data.size
+        if values is not None:
+            values.update(np.unique(data).tolist())
+            values = values if len(values) <= 16 else None
+    return VoxelStats(low, high, frozenset(values) if values is not None else None, below / max(count, 1))
+
+
 def check_modality(path: str | os.PathLike, stats: VoxelStats, modality: str, rule: ModalityRule) -> None:
     """Whether the intensities look like the modality the model was trained on (``metadata.json``), by the bundle's
     own rule (its ``scripts/modality.py``, which its inference preprocessing applies as well).
@@ -314,19 +382,38 @@ def check_modalities(infos: Sequence[HeaderInfo], max_centre_shift_mm: float = 3
                                         f"({fov(ref_centre, ref_extent)}); these images cannot belong to the same case")
 
 
+def _check_series_image(folder: str, series: SeriesRule | None, scan: bool, modality: str | None,
+                        rule: ModalityRule | None) -> HeaderInfo:
+    """:func:`series_header`, then (``scan``) :func:`scan_series` with the constant and modality checks."""
+    if series is None:
+        raise InputError(folder, "is a folder; a DICOM series folder needs the bundle's scripts/dicom_series.py")
+    info = series_header(folder, series, modality)
+    if scan:
+        files = series.check_series(folder)["files"]
+        stats = scan_series(files, air_below=rule.AIR_HU if rule is not None else -np.inf)
+        if stats.minimum == stats.maximum:
+            raise InputError(folder, f"all voxels have the same value ({stats.minimum:g}); nothing to segment")
+        if modality and rule is not None:
+            check_modality(folder, stats, modality, rule)
+    return info
+
+
 def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: str | None = None,
-               rule: ModalityRule | None = None) -> list[HeaderInfo]:
+               rule: ModalityRule | None = None, series: SeriesRule | None = None) -> list[HeaderInfo]:
     """Check one case record ``{"image": path or [paths], "label": path (optional)}``.
 
     Args:
-        record: the case; ``image`` is one file (3D, or 4D with ``modalities`` channels) or ``modalities`` 3D files.
+        record: the case; ``image`` is one file (3D, or 4D with ``modalities`` channels), ``modalities`` 3D files,
+            or DICOM series folders in place of 3D files.
         modalities: the number of input channels the network expects.
         scan: also stream the voxels (NaN/Inf, all-constant, truncation, label values, and the ``modality``).
-        modality: the model's input modality (``"CT"``, ``"MR"``), checked by :func:`check_modality` with ``rule``.
+        modality: the model's input modality (``"CT"``, ``"MR"``), checked by :func:`check_modality` with ``rule``
+            (and, for a series, against its DICOM ``Modality``).
         rule: the bundle's ``scripts/modality.py``.
+        series: the bundle's ``scripts/dicom_series.py`` (needed for series folders).
 
     Returns:
-        header info of each image file.
+        header info of each image file or series.
     """
     images = record.get("image")
     if isinstance(images, (str, os.PathLike)):
@@ -336,7 +423,15 @@ def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: s
     images = [os.fspath(p) for p in images]
     if len(images) not in (1, modalities):
         raise InputError(images[0], f"{len(images)} image files given, the model expects {modalities} modalities")
-    if len(images) == 1 and modalities > 1:
+    folders = [p for p in images if os.path.isdir(p)]
+    if folders:
+        if len(images) != modalities:
+            raise InputError(folders[0], f"a DICOM series is one channel: give {modalities} series folders, one per "
+                                         "modality")
+        infos = [_check_series_image(p, series, scan, modality, rule) if p in folders else
+                 check_image(p, scan=scan, modality=modality, rule=rule) for p in images]
+        check_modalities(infos)
+    elif len(images) == 1 and modalities > 1:
         info = check_header(images[0], channels=modalities)
         if info.channels != modalities:
             raise InputError(images[0], f"a single file must be 4D with {modalities} channels, got shape {info.shape}")
@@ -344,7 +439,7 @@ def check_case(record: dict, modalities: int = 1, scan: bool = True, modality: s
     else:
         infos = [check_header(p) for p in images]
         check_modalities(infos)
-    if scan:
+    if scan and not folders:
         for p in images:
             check_image(p, channels=modalities if len(images) == 1 else None, modality=modality, rule=rule)
     if record.get("label"):
@@ -358,8 +453,22 @@ def _resolve(base: str, value):
     return os.path.normpath(os.path.join(base, os.fspath(value)))
 
 
+def _holds_dicom(folder: str) -> bool:
+    """Whether ``folder`` directly holds a DICOM file (the ``DICM`` marker after the 128-byte preamble)."""
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            with open(entry.path, "rb") as f:
+                if f.read(132)[128:] == b"DICM":
+                    return True
+    return False
+
+
 def _from_folder(folder: str, case_name: CaseName, modality_suffixes: Sequence[str]) -> list[dict]:
-    files = sorted(f for f in os.listdir(folder) if _is_nifti(f) and os.path.isfile(os.path.join(folder, f)))
+    """NIfTI files and DICOM series sub-folders of ``folder``, as records (a multi-modal case from the files or
+    folders that share a name up to the modality suffixes)."""
+    files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and (
+        _is_nifti(f) and os.path.isfile(os.path.join(folder, f))
+        or os.path.isdir(os.path.join(folder, f)) and _holds_dicom(os.path.join(folder, f))))
     if len(modality_suffixes) < 2:
         return [{"image": os.path.join(folder, f)} for f in files]
     first, records, used = modality_suffixes[0], [], set()
@@ -426,7 +535,7 @@ def load_cases(inputs: str | os.PathLike, case_name: CaseName, split: str = "tes
     """The cases to process, each ``{"case": id, "image": path or [paths], "label": path (optional), ...}``.
 
     Args:
-        inputs: a folder of NIfTI files, a CSV file (column ``image``, several files separated by ``;``, optional
+        inputs: a folder of NIfTI files and / or DICOM series folders, a CSV file (column ``image``, several files separated by ``;``, optional
             ``case`` and ``label``; paths relative to the CSV's folder) or a datalist JSON (a list of records or a
             dict of splits; paths relative to its folder).
         case_name: the bundle's case-naming rule, ``case_name(image, modality_suffixes) -> id`` (its

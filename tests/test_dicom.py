@@ -5,6 +5,7 @@ series folder (one per MR sequence) and gives the result it gives for the same v
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -193,3 +194,79 @@ def test_inference_on_a_series_equals_inference_on_nifti(bundle, ct_data, liver_
             np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
         else:
             np.testing.assert_allclose(np.asarray(b.dataobj), np.asarray(a.dataobj), atol=1e-4)
+
+
+def test_series_header_is_the_geometry_the_reader_stacks(tmp_path):
+    """``input_checks.series_header`` (headers only) gives the shape and affine of MONAI's read volume."""
+    from monai.transforms import LoadImage
+
+    import input_checks
+
+    series = bundle_module(CT, "dicom_series")
+    array, affine = _volume()
+    flipped = affine.copy()
+    flipped[:3, 2] *= -1
+    for name, a in (("up", affine), ("down", flipped)):
+        dicom_io.write_series(array, a, tmp_path / name, "CT")
+        info = input_checks.series_header(tmp_path / name, series, "CT")
+        image = LoadImage(image_only=True)(str(tmp_path / name))
+        assert info.shape == tuple(image.shape)
+        np.testing.assert_allclose(info.affine, np.asarray(image.affine), atol=1e-4)
+    with pytest.raises(input_checks.InputError, match=r"\(series .*\): modality CT; this model expects MR"):
+        input_checks.series_header(tmp_path / "up", series, "MR")
+
+
+@pytest.mark.integration
+def test_batch_inference_over_series_folders(ct_data, liver_data, tmp_path):
+    """``scripts/batch_infer.py`` over a folder of series folders: a CT series gives the mask its NIfTI gives, a
+    series with a missing slice is invalid (folder, series and problem named), and a liver case is the pair of
+    folders ``<case>_t2w`` / ``<case>_dwi``."""
+    import batch_infer
+    from batch_infer import BatchOptions
+    from monai.bundle import ConfigParser
+
+    def random_weights(bundle: str) -> Path:
+        root = BUNDLES / bundle
+        use_bundle(root)
+        parser = ConfigParser()
+        parser.read_config([str(root / "configs" / "inference.json"), str(root / "configs" / "cpu_demo.json")])
+        parser["bundle_root"] = str(root)
+        torch.manual_seed(0)
+        path = tmp_path / f"{bundle}.pt"
+        torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+        return path
+
+    inputs, nifti = tmp_path / "ct_in", tmp_path / "ct_nifti"
+    nifti.mkdir()
+    for case in ("ct_000", "ct_001"):
+        image = nib.load(ct_data / "imagesTr" / f"{case}.nii.gz")
+        values = dicom_io.quantised(np.asarray(image.dataobj, dtype=np.float32))
+        nib.save(nib.Nifti1Image(values, image.affine), nifti / f"{case}.nii.gz")
+        dicom_io.write_series(values, image.affine, inputs / case, "CT", case)
+    (inputs / "ct_001" / "slice_0005.dcm").unlink()
+    options = BatchOptions(checkpoint=str(random_weights(CT)), overlay="configs/cpu_demo.json", device="cpu",
+                           png=True, progress=False)
+    rows = {r["case"]: r for r in batch_infer.run_batch(str(BUNDLES / CT), str(inputs), str(tmp_path / "out"),
+                                                        options)["cases"]}
+    assert rows["ct_000"]["status"] == "done" and set(rows["ct_000"]["outputs"]) == {"seg", "confidence",
+                                                                                   "overview"}
+    assert rows["ct_001"]["status"] == "invalid"
+    assert f"{inputs / 'ct_001'} (series 'ct_001'" in rows["ct_001"]["reason"]
+    assert "1 missing slice(s)" in rows["ct_001"]["reason"]
+    reference = batch_infer.run_batch(str(BUNDLES / CT), str(nifti), str(tmp_path / "out_nifti"), options)
+    assert {r["case"]: r["status"] for r in reference["cases"]} == {"ct_000": "done", "ct_001": "done"}
+    for name in ("seg", "confidence"):
+        a = nib.load(tmp_path / "out_nifti" / "ct_000" / f"ct_000_{name}.nii.gz")
+        b = nib.load(tmp_path / "out" / "ct_000" / f"ct_000_{name}.nii.gz")
+        np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(b.dataobj), np.asarray(a.dataobj), atol=1e-4)
+
+    liver_in = tmp_path / "liver_in"
+    for sequence in ("t2w", "dwi"):
+        image = nib.load(liver_data / "imagesTr" / f"liver_000_{sequence}.nii.gz")
+        dicom_io.write_series(np.asarray(image.dataobj, dtype=np.float32), image.affine,
+                              liver_in / f"liver_000_{sequence}", "MR", sequence)
+    options = replace(options, checkpoint=str(random_weights(LIVER)))
+    summary = batch_infer.run_batch(str(BUNDLES / LIVER), str(liver_in), str(tmp_path / "liver_out"), options)
+    (row,) = summary["cases"]
+    assert row["case"] == "liver_000" and row["status"] == "done", row

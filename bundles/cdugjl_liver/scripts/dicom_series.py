@@ -31,7 +31,16 @@ SPACING_TOLERANCE = 0.01
 
 
 class DicomSeriesError(ValueError):
-    """A DICOM series folder that cannot be read as one volume; the message names the folder and the series."""
+    """A DICOM series folder that cannot be read as one volume: ``"<source>: <problem>"``.
+
+    Args:
+        source: the folder, with its series when known (``"<folder> (series '<description>' (<uid>))"``).
+        problem: what is wrong, in words.
+    """
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source, self.problem = source, problem
+        super().__init__(f"{source}: {problem}")
 
 
 def _series_name(header: Any) -> str:
@@ -58,8 +67,10 @@ def check_series(folder: str | os.PathLike, modality: str | None = None) -> dict
         modality: the DICOM ``Modality`` the bundle expects (``"CT"``, ``"MR"``); ``None`` does not check it.
 
     Returns:
-        ``{"series_uid", "description", "slices", "orientation" (6 direction cosines), "pixel_spacing",
-        "size" (rows, columns), "positions" (``[N, 3]`` slice origins in slice order), "spacing" (mm)}``.
+        ``{"series_uid", "description", "modality", "slices", "orientation" (6 direction cosines),
+        "pixel_spacing" (between rows, between columns), "size" (rows, columns), "positions" (``[N, 3]`` slice
+        origins in instance-number order, the order a reader stacks them), "spacing" (mm), "files" (in the same
+        order)}``.
 
     Raises:
         DicomSeriesError: ``"<folder> (<series>): <problem>"``: no DICOM file, several series, another or mixed
@@ -69,26 +80,26 @@ def check_series(folder: str | os.PathLike, modality: str | None = None) -> dict
     folder = Path(folder)
     headers = _headers(folder)
     if not headers:
-        raise DicomSeriesError(f"{folder}: holds no DICOM file (a series folder holds the files of one series)")
+        raise DicomSeriesError(str(folder), "holds no DICOM file (a series folder holds the files of one series)")
     series = {str(h.SeriesInstanceUID): h for h in headers}
     if len(series) > 1:
         names = ", ".join(_series_name(h) for h in series.values())
-        raise DicomSeriesError(f"{folder}: holds {len(series)} series ({names}); give each series its own folder")
+        raise DicomSeriesError(str(folder), f"holds {len(series)} series ({names}); give each series its own folder")
     name = f"{folder} ({_series_name(headers[0])})"
     modalities = sorted({str(getattr(h, "Modality", "")) for h in headers})
     if len(modalities) > 1:
-        raise DicomSeriesError(f"{name}: mixed modalities {modalities} in one series")
+        raise DicomSeriesError(name, f"mixed modalities {modalities} in one series")
     if modality is not None and modalities[0].upper() != modality.upper():
-        raise DicomSeriesError(f"{name}: modality {modalities[0] or 'missing'}; this model expects {modality}")
+        raise DicomSeriesError(name, f"modality {modalities[0] or 'missing'}; this model expects {modality}")
     if len(headers) < 2:
-        raise DicomSeriesError(f"{name}: one slice; a volume needs at least two")
+        raise DicomSeriesError(name, "one slice; a volume needs at least two")
     for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
         if any(getattr(h, tag, None) is None for h in headers):
-            raise DicomSeriesError(f"{name}: a slice has no {tag}")
+            raise DicomSeriesError(name, f"a slice has no {tag}")
     geometry = {(tuple(np.round(np.asarray(h.ImageOrientationPatient, float), 4)),
                  tuple(np.round(np.asarray(h.PixelSpacing, float), 4)), int(h.Rows), int(h.Columns)) for h in headers}
     if len(geometry) > 1:
-        raise DicomSeriesError(f"{name}: slices differ in orientation, pixel spacing or size ({len(geometry)} kinds)")
+        raise DicomSeriesError(name, f"slices differ in orientation, pixel spacing or size ({len(geometry)} kinds)")
     orientation = np.asarray(headers[0].ImageOrientationPatient, float)
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.asarray([h.ImagePositionPatient for h in headers], float)
@@ -97,7 +108,7 @@ def check_series(folder: str | os.PathLike, modality: str | None = None) -> dict
     gaps = np.diff(along[order])
     if np.any(gaps < 1e-3):
         k = int(np.argmin(gaps))
-        raise DicomSeriesError(f"{name}: two slices at the same position ({along[order][k]:.2f} mm along the normal)")
+        raise DicomSeriesError(name, f"two slices at the same position ({along[order][k]:.2f} mm along the normal)")
     spacing = float(np.median(gaps))
     uneven = np.abs(gaps - spacing) > SPACING_TOLERANCE * spacing
     if np.any(uneven):
@@ -109,18 +120,20 @@ def check_series(folder: str | os.PathLike, modality: str | None = None) -> dict
         else:
             problem = (f"uneven slice spacing: gaps from {gaps.min():.3g} to {gaps.max():.3g} mm (median "
                        f"{spacing:.3g} mm, first uneven gap between {lo:.2f} and {hi:.2f} mm)")
-        raise DicomSeriesError(f"{name}: {problem}")
+        raise DicomSeriesError(name, problem)
     numbers = np.asarray([int(getattr(h, "InstanceNumber", 0) or 0) for h in headers])
     by_number = along[np.argsort(numbers, kind="stable")]
     if len(set(numbers.tolist())) != len(numbers) or not (np.all(np.diff(by_number) > 0)
                                                           or np.all(np.diff(by_number) < 0)):
-        raise DicomSeriesError(f"{name}: the instance numbers do not follow the slice positions (a reader stacks the "
+        raise DicomSeriesError(name, "the instance numbers do not follow the slice positions (a reader stacks the "
                                "slices by instance number)")
-    return {"series_uid": str(headers[0].SeriesInstanceUID), "description": str(getattr(headers[0],
-            "SeriesDescription", "") or ""), "slices": len(headers), "orientation": orientation.tolist(),
+    stacked = np.argsort(numbers, kind="stable")
+    return {"series_uid": str(headers[0].SeriesInstanceUID),
+            "description": str(getattr(headers[0], "SeriesDescription", "") or ""), "modality": modalities[0],
+            "slices": len(headers), "orientation": orientation.tolist(),
             "pixel_spacing": [float(v) for v in headers[0].PixelSpacing],
-            "size": [int(headers[0].Rows), int(headers[0].Columns)], "positions": positions[order].tolist(),
-            "spacing": spacing}
+            "size": [int(headers[0].Rows), int(headers[0].Columns)], "positions": positions[stacked].tolist(),
+            "spacing": spacing, "files": [str(headers[i].filename) for i in stacked]}
 
 
 class DicomSeriesCheckd(MapTransform):
@@ -157,6 +170,6 @@ class DicomSeriesCheckd(MapTransform):
                 if not same:
                     raise DicomSeriesError(
                         f"{folder} (series {info['description']!r}) and {first_folder} (series "
-                        f"{first['description']!r}): the sequences of one input must share their slice geometry "
-                        f"(orientation, pixel spacing, size, positions); resample one onto the other first")
+                        f"{first['description']!r})", "the sequences of one input must share their slice geometry "
+                        "(orientation, pixel spacing, size, positions); resample one onto the other first")
         return d

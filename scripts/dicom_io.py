@@ -104,7 +104,8 @@ def write_series(
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASS[modality], meta.MediaStorageSOPInstanceUID
         ds.Modality = modality
-        ds.PatientID = ds.PatientName = patient_id
+        ds.PatientID, ds.PatientName = patient_id, f"{patient_id}^"  # family name only
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "", ""
         ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
         ds.FrameOfReferenceUID = uids["frame_of_reference"]
         ds.StudyDate = ds.SeriesDate = now.strftime("%Y%m%d")

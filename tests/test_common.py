@@ -12,7 +12,7 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("architecture.py", "case_meta.py", "datalist.py", "dicom_series.py", "mean_teacher.py", "modality.py",
+COMMON = ("architecture.py", "case_meta.py", "datalist.py", "dicom_seg.py", "dicom_series.py", "mean_teacher.py", "modality.py",
           "semi_supervised.py", "surface_metrics.py")
 
 

@@ -1,9 +1,11 @@
-"""DICOM series input: ``scripts/dicom_io.py`` writes a phantom as a series, each bundle's ``inference.json`` reads a
-series folder (one per MR sequence) and gives the result it gives for the same volume as NIfTI, and
+"""DICOM series input and DICOM outputs: ``scripts/dicom_io.py`` writes a phantom as a series, each bundle's
+``inference.json`` reads a series folder (one per MR sequence) and gives the result it gives for the same volume as
+NIfTI, plus the mask as a DICOM Segmentation and the doubt map as a Parametric Map (``scripts/dicom_seg.py``);
 ``scripts/dicom_series.py`` refuses a folder that would not read as one volume, naming the folder and the series."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -194,6 +196,28 @@ def test_inference_on_a_series_equals_inference_on_nifti(bundle, ct_data, liver_
             np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
         else:
             np.testing.assert_allclose(np.asarray(b.dataobj), np.asarray(a.dataobj), atol=1e-4)
+    assert not list(from_nifti.glob("*.dcm"))  # DICOM objects only for DICOM inputs
+
+    # the Segmentation and the Parametric Map, read back: frame k is slice k of the first sequence's series
+    import highdicom as hd
+
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series[0].iterdir())]
+    source.sort(key=lambda ds: int(ds.InstanceNumber))
+    mask = np.asarray(nib.load(next(from_dicom.glob("*_seg.nii.gz"))).dataobj)
+    seg = hd.seg.segread(next(from_dicom.glob("*_dicom_seg.dcm")))
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert seg.SegmentSequence[0].SegmentLabel == meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"]
+    assert seg.StudyInstanceUID == source[0].StudyInstanceUID and seg.SoftwareVersions == meta["version"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], segment_numbers=[1])
+    np.testing.assert_array_equal(frames[..., 0], mask.transpose(2, 1, 0))
+    pmap = pydicom.dcmread(next(from_dicom.glob(f"*_dicom_{doubt}.dcm")))
+    slice_of = {ds.SOPInstanceUID: k for k, ds in enumerate(source)}
+    referenced = [slice_of[f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+                  for f in pmap.PerFrameFunctionalGroupsSequence]  # highdicom orders frames by position
+    assert sorted(referenced) == list(range(len(source)))
+    values = np.asarray(nib.load(next(from_dicom.glob(f"*_{doubt}.nii.gz"))).dataobj)
+    np.testing.assert_allclose(pmap.pixel_array, values.transpose(2, 1, 0)[referenced], atol=1e-6)
 
 
 def test_series_header_is_the_geometry_the_reader_stacks(tmp_path):
@@ -248,8 +272,8 @@ def test_batch_inference_over_series_folders(ct_data, liver_data, tmp_path):
                            png=True, progress=False)
     rows = {r["case"]: r for r in batch_infer.run_batch(str(BUNDLES / CT), str(inputs), str(tmp_path / "out"),
                                                         options)["cases"]}
-    assert rows["ct_000"]["status"] == "done" and set(rows["ct_000"]["outputs"]) == {"seg", "confidence",
-                                                                                   "overview"}
+    assert rows["ct_000"]["status"] == "done" and set(rows["ct_000"]["outputs"]) == {
+        "seg", "confidence", "overview", "dicom_seg", "dicom_confidence"}
     assert rows["ct_001"]["status"] == "invalid"
     assert f"{inputs / 'ct_001'} (series 'ct_001'" in rows["ct_001"]["reason"]
     assert "1 missing slice(s)" in rows["ct_001"]["reason"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Sequence
 
 import fire
 import nibabel as nib

@@ -279,6 +279,19 @@ def inference_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def monailabel_table(data: dict, bundle: str | None = None) -> str:
+    """One MONAI Label training round per bundle (``benchmark_speed.py monailabel``); one bundle's row if given."""
+    lines = [_fence(data["command"]), _env_line(data), "",
+             "| bundle | widths | epochs | labelled studies | round (s) | model.pt (MB) | all of models/ (MB) | "
+             "model.pt replaced |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if bundle is None or r["bundle"] == bundle:
+            lines.append(f"| {r['bundle']} | {r['widths']} | {r['max_epochs']} | {r['labelled_studies']} | "
+                         f"{r['round_s']:.0f} | {r['model_pt_mb']:.1f} | {r['models_mb']:.1f} | "
+                         f"{'yes' if r['model_changed'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def _bundle_panels():
     """A figure with one panel per bundle, side by side: ``(figure, axes [1, n_bundles])``."""
     import matplotlib
@@ -391,16 +404,20 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
     text = replace_block(text, "runtime", head + "\n" + runtime_table(runs))
     for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table),
-                        ("profile", profile_table), ("profile_before", profile_table)):
+                        ("profile", profile_table), ("profile_before", profile_table),
+                        ("monailabel", monailabel_table)):
         data = _speed(results_dir, name)
         if data is not None:
             text = replace_block(text, f"speed_{name}", table(data))
     Path(doc).write_text(text)
-    for bundle in BUNDLES:  # the model cards carry the accuracy table too
+    monailabel = _speed(results_dir, "monailabel")
+    for bundle in BUNDLES:  # the model cards carry the accuracy table and their MONAI Label round too
         card = Path(doc).parent.parent / "bundles" / bundle / "docs" / "README.md"
         if card.exists():
-            card.write_text(replace_block(card.read_text(), f"accuracy_{bundle}",
-                                          head + "\n" + accuracy_table(rows, bundle)))
+            text = replace_block(card.read_text(), f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
+            if monailabel is not None and any(r["bundle"] == bundle for r in monailabel["rows"]):
+                text = replace_block(text, f"monailabel_{bundle}", monailabel_table(monailabel, bundle))
+            card.write_text(text)
     print(f"{len(rows)} groups from {results_dir / 'accuracy' / profile} -> {doc}")
 
 

@@ -1,10 +1,12 @@
-"""Speed and memory benchmarks of the two bundles: selective scan, training iteration and full-volume inference.
+"""Speed and memory benchmarks of the two bundles: selective scan, training iteration, full-volume inference and a
+MONAI Label training round.
 
-Three benchmarks, each a subcommand that writes one JSON file ``<out_dir>/<benchmark>[_<tag>].json`` and prints a
+The benchmarks, each a subcommand that writes one JSON file ``<out_dir>/<benchmark>[_<tag>].json`` and prints a
 short table:
 
-- ``scan``: the pure-PyTorch chunked selective scan of the liver bundle
-  (``bundles/cdugjl_liver/scripts/selective_scan.py``: ``selective_scan_chunked``) against its sequential reference
+- ``scan``: the liver bundle's CPU selective scans, the fused one compiled by numba
+  (``scripts/selective_scan_fused.py``) and the pure-PyTorch chunked one (``scripts/selective_scan.py``:
+  ``selective_scan_chunked``), each against the sequential reference
   ``selective_scan_ref``, forward + backward (``y.sum().backward()``) with the arguments MEAMT-Net's Mamba passes
   (``D``, ``z``, ``delta_bias``, ``delta_softplus=True``; ``A = -(1..N)``, step sizes in [0.001, 0.1]). Before any
   timing the two are checked to agree (outputs and every gradient, ``|a - b| <= atol + rtol * max|a|``, 1e-4
@@ -26,13 +28,17 @@ short table:
   whole, zero-padded slice per window, same slice batch) on a multi-sequence MRI volume (default 2 x 256 x 256 x 40).
   Network widths: ``cpu_demo`` (``configs/cpu_demo.json``) and/or ``paper`` (``configs/inference.json``); the
   sliding-window settings come from ``configs/inference.json`` unless given.
-- ``all``: the three with their defaults.
+- ``monailabel``: one MONAI Label training round per bundle as the README runs it (its own server, random weights
+  at the default widths, the phantom studies of one modality, ``max_epochs`` 1): the request's wall time and the
+  files it leaves in ``models/`` (``scripts/speed_monailabel.py``; needs ``scripts/monailabel_env.sh``).
+- ``all``: ``scan``, ``iteration`` and ``inference`` with their defaults.
 
 Command line (python-fire)::
 
     python scripts/benchmark_speed.py scan [--lengths "[256,1024,4096,16384]"] [--repeats 5]
     python scripts/benchmark_speed.py iteration [--iterations 10] [--bundles "['cdugjl_liver']"]
     python scripts/benchmark_speed.py inference [--ct_shape "[512,512,300]"] [--ct_window_batches None]
+    python scripts/benchmark_speed.py monailabel [--widths paper] [--bundles "['ceds_mediastinum']"]
     python scripts/benchmark_speed.py all [--out_dir docs/benchmarks/results/speed] [--tag h100]
 
 Timing: ``time.perf_counter`` wall time; medians over the repeats, after warm-up runs. Everything is float32;
@@ -93,10 +99,11 @@ import fire
 from speed_common import DEFAULT_OUT_DIR, peak_rss, reset_peak_rss
 from speed_inference import WindowTimer, inference
 from speed_iteration import IterationProfiler, iteration, profile
+from speed_monailabel import monailabel
 from speed_scan import scan, scan_agreement, scan_forward_backward, scan_inputs
 
 __all__ = ["IterationProfiler", "WindowTimer", "inference", "iteration", "peak_rss", "profile", "reset_peak_rss",
-           "run_all", "scan", "scan_agreement", "scan_forward_backward", "scan_inputs"]
+           "monailabel", "run_all", "scan", "scan_agreement", "scan_forward_backward", "scan_inputs"]
 
 
 def run_all(out_dir: str = DEFAULT_OUT_DIR, tag: str = "", threads: int | None = None) -> list[str]:
@@ -109,4 +116,5 @@ def run_all(out_dir: str = DEFAULT_OUT_DIR, tag: str = "", threads: int | None =
 
 
 if __name__ == "__main__":
-    fire.Fire({"scan": scan, "iteration": iteration, "profile": profile, "inference": inference, "all": run_all})
+    fire.Fire({"scan": scan, "iteration": iteration, "profile": profile, "inference": inference,
+               "monailabel": monailabel, "all": run_all})

@@ -172,3 +172,23 @@ def test_train_liver_one_epoch_after_submitting_labels(server):
         time.sleep(0.5)
     assert labelled == ["liver_000", "liver_001"]
     _train(server, "cdugjl_liver")
+
+
+def test_training_round_benchmark_times_a_round_and_sees_the_new_model(monailabel_venv, tmp_path):
+    """``benchmark_speed.py monailabel`` (the command behind the model cards' round time and size) runs a round
+    on a server of its own, records it, and stops that server."""
+    from conftest import run_cmd
+
+    out, work = tmp_path / "results", tmp_path / "work"
+    run_cmd([sys.executable, str(REPO / "scripts" / "benchmark_speed.py"), "monailabel", "--bundles",
+             "['ceds_mediastinum']", "--widths", "cpu_demo", "--venv", str(monailabel_venv), "--work_dir", str(work),
+             "--out_dir", str(out)], cwd=tmp_path, timeout=1200)
+    result = json.loads((out / "monailabel.json").read_text())
+    (row,) = result["rows"]
+    assert row["bundle"] == "ceds_mediastinum" and row["widths"] == "cpu_demo" and row["labelled_studies"] == 2
+    assert row["model_changed"] and row["round_s"] > 0
+    assert 0 < row["model_pt_mb"] <= row["models_mb"] == pytest.approx(sum(row["files_mb"].values()))
+    server_record = work / "ceds_mediastinum" / "server.json"
+    pid = json.loads(server_record.read_text())["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

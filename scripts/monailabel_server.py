@@ -22,6 +22,12 @@ studies, ``monai``/``nibabel``/``scipy`` (present in both venvs). What ``serve``
    ``<work_dir>/server.json``. ``serve`` then waits for Ctrl-C (or returns with ``--detach``); ``stop`` ends the
    process group recorded there.
 
+``--studies_dir`` may also be a DICOMweb URL (e.g. ``http://127.0.0.1:8042/dicom-web`` of the Orthanc that
+``scripts/pacs.py`` starts): MONAI Label then lists the PACS's CT series (its default search filter), downloads and
+converts a series to NIfTI when it is used, keeps that cache in ``<work_dir>/dicomweb-cache`` and stores every
+final label back as a DICOM SEG, written by dcmqi's ``itkimage2segimage``, which ``start`` puts into the MONAI Label
+venv from PyPI's ``dcmqi``, encoding every slice (:func:`ensure_dcmqi`).
+
 Examples (from the repository root)::
 
     bash scripts/monailabel_env.sh
@@ -38,7 +44,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -273,6 +278,53 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def is_dicomweb(studies: str) -> bool:
+    """Whether ``studies`` is a DICOMweb URL rather than a folder (MONAI Label's own test)."""
+    return str(studies).startswith(("http://", "https://"))
+
+
+_DCMQI_WRAPPER = """#!/bin/sh
+# Written by scripts/monailabel_server.py (ensure_dcmqi): dcmqi's itkimage2segimage encoding every slice.
+exec "{binary}" --skip 0 "$@"
+"""
+
+
+def ensure_dcmqi(venv: str | os.PathLike = DEFAULT_VENV) -> Path:
+    """Put an ``itkimage2segimage`` that encodes every slice into the venv's ``bin``, installing dcmqi if missing.
+
+    A DICOMweb-backed MONAI Label writes each final label as a DICOM SEG with dcmqi's ``itkimage2segimage`` found on
+    ``PATH`` (without one it downloads dcmqi from GitHub at start-up). It passes no ``--skip``, and dcmqi leaves
+    empty slices out by default; pydicom-seg, which MONAI Label reads SEGs back with, then rebuilds the label on the
+    labelled slices only (64 x 64 x 16 for a 64 x 64 x 48 series), which no longer fits its image. The wrapper runs
+    the PyPI package's binary with ``--skip 0``.
+
+    Returns:
+        the wrapper, ``<venv>/bin/itkimage2segimage``.
+    """
+    tool = Path(venv).resolve() / "bin" / "itkimage2segimage"
+    if tool.is_file() and "--skip 0" in tool.read_text(errors="ignore"):
+        return tool
+    env, python = _clean_env(venv), str(_venv_python(venv))
+    locate = [python, "-c", "import dcmqi, pathlib; print(pathlib.Path(dcmqi.__file__).parent / 'bin')"]
+    if subprocess.run(locate, env=env, capture_output=True).returncode != 0:
+        constraints = Path(venv) / "monailabel-constraints.txt"
+        if constraints.exists():  # keep scripts/monailabel_env.sh's pins (torch, monai, pydicom<3)
+            env["PIP_CONSTRAINT"] = str(constraints.resolve())
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "dcmqi"], env=env,
+                       check=True)
+    binary = Path(subprocess.run(locate, env=env, capture_output=True, text=True, check=True).stdout.strip())
+    tool.write_text(_DCMQI_WRAPPER.format(binary=binary / "itkimage2segimage"))
+    tool.chmod(0o755)
+    return tool
+
+
+def dicomweb_env(venv: str | os.PathLike, work_dir: Path) -> dict:
+    """Environment for a server on a DICOMweb datastore: dcmqi's SEG writer (:func:`ensure_dcmqi`), and the cache of
+    downloaded series and labels in ``<work_dir>/dicomweb-cache`` (MONAI Label's default is in ``~/.cache``)."""
+    ensure_dcmqi(venv)
+    return {**_clean_env(venv), "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work_dir / "dicomweb-cache")}
+
+
 def start(
     app: str,
     studies_dir: str,
@@ -284,6 +336,8 @@ def start(
     timeout: float = 300,
 ) -> dict:
     """Start ``monailabel start_server`` in its own process group and wait until ``GET /info/`` answers.
+
+    ``studies_dir`` is a folder or a DICOMweb URL (then see :func:`dicomweb_env`).
 
     Returns ``{"url", "pid", "log"}`` (also written to ``<work_dir>/server.json``). Raises ``RuntimeError``
     with the log tail if the server exits or does not answer within ``timeout`` seconds (it is stopped then).
@@ -299,9 +353,10 @@ def start(
         "--conf", "sam2", "false",
         "--conf", "preload", "false",
     ]
+    env = dicomweb_env(venv, work_dir) if is_dicomweb(studies_dir) else _clean_env(venv)
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            cmd, cwd=app, env=_clean_env(venv), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=app, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://{host}:{port}"
     info = {"url": url, "pid": proc.pid, "log": str(log)}
@@ -376,7 +431,8 @@ def serve(
     detach: bool = False,
     labelled: str = "ct",
 ) -> None:
-    """Build the app, write phantom studies unless ``--studies_dir`` is given, start the server and wait.
+    """Build the app, write phantom studies unless ``--studies_dir`` (a folder or a DICOMweb URL) is given, start
+    the server and wait.
 
     MONAI Label trains on every labelled study of its datastore, so the phantom studies carry the labels of one
     modality at a time: ``labelled="ct"`` (default) for a CEDS training round, ``"liver"`` for a CdUgJL one.

@@ -125,3 +125,37 @@ def liver_data(tmp_path_factory) -> Path:
 def ct_data(tmp_path_factory) -> Path:
     """A tiny phantom mediastinal-CT dataset; returns the folder holding the cases and ``datalist_*.json``."""
     return _phantom_dataset(tmp_path_factory, "mediastinal_ct", size=64, n_slices=48)
+
+
+MONAILABEL_VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
+
+
+def build_monailabel_env() -> subprocess.CompletedProcess:
+    """Run ``scripts/monailabel_env.sh`` for :data:`MONAILABEL_VENV` (a no-op check when it is up to date)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(["bash", str(REPO / "scripts" / "monailabel_env.sh"), str(MONAILABEL_VENV)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def _monailabel_on_registry() -> bool:
+    """Whether pip can see monailabel 0.8.5 on the configured package index (asked only when the venv is missing)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "monailabel"], capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode == 0 and "0.8.5" in proc.stdout
+
+
+@pytest.fixture(scope="session")
+def monailabel_venv() -> Path:
+    """The MONAI Label venv, built by ``scripts/monailabel_env.sh`` if needed (skip only without a registry)."""
+    import time
+
+    if not (MONAILABEL_VENV / ".monailabel-env-stamp").exists() and not _monailabel_on_registry():
+        pytest.skip("the package registry is unreachable: cannot install monailabel==0.8.5 into a separate venv")
+    start = time.monotonic()
+    proc = build_monailabel_env()
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/monailabel_env.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    print(f"monailabel_env.sh: {time.monotonic() - start:.0f} s\n{proc.stdout[-600:]}")
+    return MONAILABEL_VENV

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -26,39 +25,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, build_monailabel_env
 
 pytestmark = pytest.mark.integration
 
-VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
-ENV_SCRIPT = REPO / "scripts" / "monailabel_env.sh"
 MODELS = {"ceds_mediastinum": "ct_000", "cdugjl_liver": "liver_000"}
-
-
-def _registry_reachable() -> bool:
-    """Whether pip can see monailabel on the configured package index (only asked when the venv is missing)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "index", "versions", "monailabel"], capture_output=True, text=True, timeout=120
-    )
-    return proc.returncode == 0 and "0.8.5" in proc.stdout
-
-
-def _build_env() -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run(["bash", str(ENV_SCRIPT), str(VENV)], env=env, capture_output=True, text=True, timeout=1800)
-
-
-@pytest.fixture(scope="module")
-def monailabel_venv() -> Path:
-    """The MONAI Label venv, built by ``scripts/monailabel_env.sh`` if needed (skip only without a registry)."""
-    if not (VENV / ".monailabel-env-stamp").exists() and not _registry_reachable():
-        pytest.skip("the package registry is unreachable: cannot install monailabel==0.8.5 into a separate venv")
-    start = time.monotonic()
-    proc = _build_env()
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/monailabel_env.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    print(f"monailabel_env.sh: {time.monotonic() - start:.0f} s\n{proc.stdout[-600:]}")
-    return VENV
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +95,7 @@ def _train(server: dict, model: str) -> None:
 
 def test_env_is_idempotent(monailabel_venv):
     start = time.monotonic()
-    proc = _build_env()
+    proc = build_monailabel_env()
     assert proc.returncode == 0, proc.stderr
     assert "up to date" in proc.stdout and time.monotonic() - start < 30
     assert not list((REPO / ".venv").glob("lib/python*/site-packages/torchvision_cpu_compat*")), "shim in main venv"

@@ -24,7 +24,6 @@ import nibabel as nib
 import pytest
 
 from conftest import REPO, cpu_demo_checkpoint
-from test_monailabel import monailabel_venv  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 

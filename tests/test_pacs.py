@@ -1,0 +1,164 @@
+"""MONAI Label on a real PACS: Orthanc (Debian package + DICOMweb plugin) on loopback, driven over HTTP only.
+
+``scripts/pacs.py`` starts Orthanc (installing it with apt-get when missing; the module is skipped only when that is
+impossible) and stores two phantom CT series, the first with its tumour label as a DICOM SEG written by highdicom.
+``scripts/monailabel_server.py serve --studies_dir <dicomweb URL>`` starts MONAI Label 0.8.5 on that DICOMweb
+endpoint with the CEDS bundle (``cpu_demo`` widths, random weights unless the quick start's exist). Then, as the
+README's "From a PACS" block does: the datastore lists the PACS's series, inference on the unlabelled series returns
+a label on the series' grid, that label is saved (``PUT /datastore/label``) and must appear in Orthanc as a DICOM SEG
+referencing its series, the training datalist must pair both series with labels read back from Orthanc's SEGs, and
+one training epoch must rewrite the served ``models/model.pt``. Every process started is stopped at the end.
+
+The liver bundle is not served here: its input is two series (T2WI and DWI) stacked as channels, and MONAI Label's
+DICOMweb datastore hands a task exactly one series as its image (see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from test_monailabel import _multipart, _request
+
+pytestmark = pytest.mark.integration
+
+MODEL = "ceds_mediastinum"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc with the uploaded phantoms; yields ``pacs.json``'s fields plus ``work`` and ``uploaded``."""
+    import monailabel_server
+    import pacs as tool
+
+    work = tmp_path_factory.mktemp("pacs")
+    try:
+        info = tool.start(str(work))
+    except tool.OrthancUnavailable as err:
+        pytest.skip(f"no Orthanc: {err}")
+    try:
+        uploaded = tool.upload(str(work), n_ct=2, labelled=1)
+        yield {**info, "work": work, "uploaded": uploaded}
+    finally:
+        tool.stop(str(work))
+        assert not monailabel_server._alive(info["pid"]), f"Orthanc {info['pid']} still running"
+
+
+@pytest.fixture(scope="module")
+def server(monailabel_venv, pacs, tmp_path_factory):
+    """MONAI Label serving the CEDS bundle from the PACS's DICOMweb endpoint; yields ``server.json`` + ``app``."""
+    import monailabel_server as helper
+
+    work = tmp_path_factory.mktemp("monailabel_pacs")
+    try:
+        helper.serve(work_dir=str(work), bundles=MODEL, studies_dir=pacs["dicomweb"], cpu_demo=True,
+                     random_weights=True, port=helper.free_port(), venv=str(monailabel_venv), detach=True)
+        info = json.loads((work / "server.json").read_text())
+        yield {**info, "app": work / "apps" / "monaibundle", "work": work}
+    finally:
+        pid = json.loads((work / "server.json").read_text())["pid"] if (work / "server.json").exists() else None
+        helper.stop(str(work))
+        assert pid is None or not helper._alive(pid), f"MONAI Label server {pid} still running"
+
+
+def _orthanc_segs(pacs: dict) -> dict[str, str]:
+    """``{SEG SeriesInstanceUID: referenced image SeriesInstanceUID}`` of every SEG in Orthanc (over its REST API)."""
+    request = urllib.request.Request(
+        f"{pacs['url']}/tools/find", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"Level": "Instance", "Query": {"Modality": "SEG"}, "Expand": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        instances = json.loads(response.read())
+    segs = {}
+    for instance in instances:
+        with urllib.request.urlopen(f"{pacs['url']}/instances/{instance['ID']}/tags?simplify", timeout=30) as response:
+            tags = json.loads(response.read())
+        segs[tags["SeriesInstanceUID"]] = tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"]
+    return segs
+
+
+def test_datastore_lists_the_pacs_series(server, pacs):
+    stats = json.loads(_request(server, "GET", "/datastore/?output=stats"))
+    assert stats["total"] == 2 and stats["completed"] == 1, stats  # ct_000 has a SEG in the PACS
+
+
+def test_infer_returns_label_on_series_grid_and_saves_it_as_seg(server, pacs):
+    case = pacs["uploaded"]["ct_001"]
+    body, content_type = _multipart({"params": json.dumps({"device": "cpu"})})
+    result = _request(server, "POST", f"/infer/{MODEL}?image={case['series']}&output=image", body, content_type)
+    out = server["work"] / "ct_001_infer.nii.gz"
+    out.write_bytes(result)
+    label, source = nib.load(out), nib.load(case["image"])
+    assert label.shape == source.shape == (64, 64, 48)  # one voxel per pixel of each of the 48 slices
+    np.testing.assert_allclose(label.affine, source.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+
+    assert case["series"] not in _orthanc_segs(pacs).values()
+    params = json.dumps({"label_info": [{"name": "tumour", "model_name": MODEL}]})
+    body, content_type = _multipart({"params": params}, {"label": out})
+    _request(server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
+    segs = _orthanc_segs(pacs)
+    assert sorted(segs.values()) == sorted(c["series"] for c in pacs["uploaded"].values()), segs
+
+
+def _in_monailabel_venv(venv: Path, code: str, *args: str):
+    """Run ``code`` (which prints JSON) with the MONAI Label venv's python (its PATH, as the server has it)."""
+    import subprocess
+
+    import monailabel_server
+
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", code, *args], env=monailabel_server._clean_env(venv),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_SUMMARY = """
+import json, sys, SimpleITK as sitk
+{convert}
+a = sitk.GetArrayFromImage(sitk.ReadImage(label))
+print(json.dumps([list(a.shape[::-1]), int((a > 0).sum())]))
+"""
+
+
+def _label_summary(venv: Path, label: Path) -> tuple[list[int], int]:
+    """``([x, y, z] shape, foreground voxels)`` of a label file MONAI Label wrote (``.nrrd`` from a DICOM SEG),
+    read with SimpleITK in the MONAI Label venv (the main venv has no NRRD reader)."""
+    shape, foreground = _in_monailabel_venv(venv, _SUMMARY.format(convert="label = sys.argv[1]"), str(label))
+    return shape, foreground
+
+
+def test_monailabel_seg_round_trip_keeps_every_slice(pacs, monailabel_venv):
+    """MONAI Label's own NIfTI -> DICOM SEG -> label conversions (``nifti_to_dicom_seg`` with the
+    ``itkimage2segimage`` that ``serve`` installs, then ``dicom_seg_to_itk_image``) give back a label with empty
+    slices on its series' full grid."""
+    import monailabel_server
+
+    monailabel_server.ensure_dcmqi(monailabel_venv)
+    ct_000 = pacs["uploaded"]["ct_000"]
+    truth = np.asarray(nib.load(ct_000["label"]).dataobj)
+    assert 0 < np.count_nonzero(truth.sum(axis=(0, 1))) < truth.shape[2]  # some slices are empty
+    convert = ("from monailabel.datastore.utils.convert import nifti_to_dicom_seg, dicom_seg_to_itk_image\n"
+               "label = dicom_seg_to_itk_image(nifti_to_dicom_seg(sys.argv[1], sys.argv[2], [{'name': 'tumour'}]))")
+    summary = _in_monailabel_venv(monailabel_venv, _SUMMARY.format(convert=convert),
+                                  str(pacs["work"] / "dicom" / "ct_000"), ct_000["label"])
+    assert summary == [list(truth.shape), int(truth.sum())]
+
+
+def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
+    datalist = json.loads(_request(server, "GET", "/datastore/?output=train"))
+    pairs = {Path(item["image"]).name.split(".nii")[0]: Path(item["label"]) for item in datalist}
+    assert sorted(pairs) == sorted(c["series"] for c in pacs["uploaded"].values()), datalist
+    ct_000 = pacs["uploaded"]["ct_000"]  # its label exists only as the SEG that scripts/pacs.py stored in Orthanc
+    truth = np.asarray(nib.load(ct_000["label"]).dataobj)
+    assert _label_summary(monailabel_venv, pairs[ct_000["series"]]) == (list(truth.shape), int(truth.sum()))
+
+    bundle = server["app"] / "model" / MODEL
+    before = (bundle / "models" / "model.pt").stat().st_mtime_ns
+    params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
+    _request(server, "POST", f"/train/{MODEL}?run_sync=true", json.dumps(params).encode(), "application/json")
+    assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"

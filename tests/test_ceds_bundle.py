@@ -65,10 +65,10 @@ def test_configs_reference_top_level_hyperparameters():
         assert key in train and key in infer
     assert isinstance(train["train"]["handlers"], list)
     assert train["train"]["dataset"]["data"]["split"] == "training"
-    assert train["train"]["unlabeled_data"]["split"] == "unlabeled"
+    assert train["train"]["unlabeled"]["records"]["split"] == "unlabeled"
     # the unlabelled stream never reads a label
-    assert "label" not in json.dumps(train["train"]["unlabeled_deterministic_transforms"])
-    assert "label" not in json.dumps(train["train"]["unlabeled_random_transforms"])
+    assert "label" not in json.dumps(train["train"]["unlabeled"]["deterministic_transforms"])
+    assert "label" not in json.dumps(train["train"]["unlabeled"]["random_transforms"])
     assert "@_meta_" not in (CONFIGS / "inference.json").read_text()
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -221,3 +222,38 @@ def test_gradient_share_handler_measures_each_weighted_term(bundle):
         assert measured["grad_share_double"] == pytest.approx(0.5)
         assert measured["grad_share_const"] == 0.0
     torch.testing.assert_close(weights[0], weights[1])
+
+
+SHARED_KEYS = {
+    "": ["datalist", "dataset_dir", "device", "seed", "epochs", "epoch_length", "val_interval", "checkpoint_interval",
+         "batch_size", "unlabeled_batch_size", "num_samples", "roi_size", "pixdim", "channels", "learning_rate",
+         "weight_decay", "ema_decay", "consistency_weight", "consistency_rampup", "grad_share_interval", "ckpt_dir",
+         "model_dir", "output_dir", "resume", "resume_checkpoint", "network_def", "network", "ema_network", "seg_loss",
+         "loss_def", "loss", "optimizer", "lr_scheduler", "checkpoint", "train", "validate"],
+    "train": ["deterministic_transforms", "random_transforms", "preprocessing", "dataset", "dataloader", "unlabeled",
+              "inferer", "loss_terms", "handlers", "checkpoint_saver", "resume_loader", "trainer"],
+    "train#unlabeled": ["random_transforms", "preprocessing", "records", "dataset", "stream"],
+    "validate": ["preprocessing", "dataset", "dataloader", "inferer", "postprocessing", "handlers", "key_metric",
+                 "evaluator"],
+}
+
+
+def test_both_bundles_name_the_same_concepts_alike():
+    """One config contract: the keys a maintainer (and MONAI Label, the benchmark tools) reaches for exist under the
+    same name in both bundles' ``train.json`` and ``inference.json``, and ``loss`` is ``loss_def`` on the device as ``network`` is
+    ``network_def``."""
+    for bundle in ("ceds_mediastinum", "cdugjl_liver"):
+        config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+        for section, keys in SHARED_KEYS.items():
+            node = config
+            for part in filter(None, section.split("#")):
+                node = node[part]
+            missing = [k for k in keys if k not in node]
+            assert not missing, f"{bundle}: {section or 'top level'} lacks {missing}"
+        assert config["loss"] == "$@loss_def.to(@device)", bundle
+        assert config["network"].startswith("$@network_def.to(@device"), bundle
+        inference = json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text())
+        shared = ("network_def", "network", "preprocessing", "inferer", "postprocessing", "evaluator", "output_dir",
+                  "modality_suffixes", "output_postfix", "sw_batch_size", "num_workers")
+        assert not [k for k in shared if k not in inference], bundle
+        assert inference["output_postfix"] == "seg", bundle

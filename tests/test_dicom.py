@@ -1,6 +1,7 @@
 """DICOM series input and DICOM outputs: ``scripts/dicom_io.py`` writes a phantom as a series, each bundle's
 ``inference.json`` reads a series folder (one per MR sequence) and gives the result it gives for the same volume as
-NIfTI, plus the mask as a DICOM Segmentation and the doubt map as a Parametric Map (``scripts/dicom_seg.py``);
+NIfTI, plus the mask as a DICOM Segmentation and the doubt map as a Parametric Map (``scripts/dicom_seg.py``) and,
+for the liver, the quantification report as a DICOM SR (``scripts/dicom_sr.py``);
 ``scripts/dicom_series.py`` refuses a folder that would not read as one volume, naming the folder and the series."""
 
 from __future__ import annotations
@@ -218,6 +219,13 @@ def test_inference_on_a_series_equals_inference_on_nifti(bundle, ct_data, liver_
     assert sorted(referenced) == list(range(len(source)))
     values = np.asarray(nib.load(next(from_dicom.glob(f"*_{doubt}.nii.gz"))).dataobj)
     np.testing.assert_allclose(pmap.pixel_array, values.transpose(2, 1, 0)[referenced], atol=1e-6)
+    if bundle == LIVER:  # the quantification report as an SR: one group per slice the network calls tumour
+        sr = hd.sr.srread(next(from_dicom.glob("*_dicom_sr.dcm")))
+        report = json.loads(next(from_dicom.glob("*_quantification.json")).read_text())
+        said = [e for e in report["slices"] if e.get("network", {}).get("tumour")]
+        assert len(sr.content.get_planar_roi_measurement_groups()) == len(said)
+        assert len(sr.content.get_image_measurement_groups()) == len(report["lesions"])
+        assert sr.StudyInstanceUID == source[0].StudyInstanceUID
 
 
 def test_series_header_is_the_geometry_the_reader_stacks(tmp_path):
@@ -294,3 +302,46 @@ def test_batch_inference_over_series_folders(ct_data, liver_data, tmp_path):
     summary = batch_infer.run_batch(str(BUNDLES / LIVER), str(liver_in), str(tmp_path / "liver_out"), options)
     (row,) = summary["cases"]
     assert row["case"] == "liver_000" and row["status"] == "done", row
+
+
+def test_quantification_report_as_dicom_sr(tmp_path):
+    """The liver's JSON quantification report of a series input becomes a TID 1500 SR: a point at the network's
+    centre (RAS turned into DICOM's LPS) with its area on every slice where the network says tumour, and each
+    lesion's volume; slices where it does not say tumour are left out, and NIfTI inputs get no SR."""
+    import highdicom as hd
+    from monai.data import MetaTensor
+    from pydicom.sr.codedict import codes
+
+    sr_module = bundle_module(LIVER, "dicom_sr")
+    array, affine = _volume()
+    folder = tmp_path / "liver_007_t2w"
+    dicom_io.write_series(array, affine, folder, "MR", "T2WI")
+    report = {"slices": [
+        {"slice": 1, "network": {"tumour": True, "area_mm2": 52.5, "centre_world_mm": [-12.0, 20.5, -37.5]}},
+        {"slice": 2, "network": {"tumour": False, "area_mm2": 0.4, "centre_world_mm": [-11.0, 20.0, -35.0]}},
+        {"slice": 3, "mask": {"area_mm2": 3.0, "centre_world_mm": [0.0, 0.0, 0.0]}}],
+        "lesions": [{"lesion": 1, "volume_mm3": 310.0}, {"lesion": 2, "volume_mm3": 45.5}]}
+    out = tmp_path / "eval"
+    (out / "liver_007").mkdir(parents=True)
+    (out / "liver_007" / "liver_007_quantification.json").write_text(json.dumps(report))
+    save = sr_module.SaveQuantificationSRd("pred", out, BUNDLES / LIVER / "configs" / "metadata.json",
+                                           modality_suffixes=("_t2w", "_dwi"))
+    pred = MetaTensor(torch.zeros(1, *array.shape), meta={"filename_or_obj": [str(folder), str(tmp_path / "dwi")]})
+    save({"pred": pred})
+    sr = hd.sr.srread(out / "liver_007" / "liver_007_dicom_sr.dcm")
+    source = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
+    (planar,) = sr.content.get_planar_roi_measurement_groups()
+    assert planar.tracking_identifier == "slice 1"
+    (area,) = planar.get_measurements(name=codes.SCT.Area)
+    assert area.value == pytest.approx(52.5) and area.unit == codes.UCUM.SquareMillimeter
+    np.testing.assert_allclose(planar.roi.value, [[12.0, -20.5, -37.5]])
+    assert planar.roi.frame_of_reference_uid == source.FrameOfReferenceUID
+    volumes = {g.tracking_identifier: g.get_measurements(name=codes.SCT.Volume)[0].value
+               for g in sr.content.get_image_measurement_groups()}
+    assert volumes == pytest.approx({"lesion 1": 310.0, "lesion 2": 45.5})
+    nifti = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": str(tmp_path / "case.nii.gz")})
+    save({"pred": nifti})
+    assert len(list(out.rglob("*.dcm"))) == 1

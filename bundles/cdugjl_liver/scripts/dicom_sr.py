@@ -102,7 +102,8 @@ class SaveQuantificationSRd(MapTransform):
         device = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=hd.UID(), name=self.meta["name"][:64], model_name=str(self.meta["version"])))
+                uid=hd.UID(), name=self.meta["name"][:64], manufacturer_name="MONAI bundle",
+                model_name=f"{self.meta['name']} {self.meta['version']}"[:64]))
         content = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=device),
             procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,

@@ -361,19 +361,28 @@ def start(
     url = f"http://{host}:{port}"
     info = {"url": url, "pid": proc.pid, "log": str(log)}
     (work_dir / "server.json").write_text(json.dumps(info, indent=2))
+    return wait_until_answers(proc, f"{url}/info/", log, "MONAI Label server", timeout, info)
+
+
+def wait_until_answers(proc: subprocess.Popen, url: str, log: Path, name: str, timeout: float, info: dict) -> dict:
+    """Wait until ``GET url`` answers 200 and return ``info``; stop ``proc``'s process group if it does not.
+
+    Raises:
+        RuntimeError: ``proc`` exited, or ``url`` did not answer within ``timeout`` seconds (with the log tail).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"MONAI Label server exited ({proc.returncode}):\n{log.read_text()[-6000:]}")
+            raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text()[-6000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
                     return info
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(1.0)
+        time.sleep(0.5)
     stop_pid(proc.pid)
-    raise RuntimeError(f"MONAI Label server did not answer within {timeout} s:\n{log.read_text()[-6000:]}")
+    raise RuntimeError(f"{name} did not answer within {timeout} s:\n{log.read_text()[-6000:]}")
 
 
 def _alive(pid: int) -> bool:

@@ -32,14 +32,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import fire
 
-from monailabel_server import free_port, stop_pid
+from monailabel_server import free_port, stop_pid, wait_until_answers
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK_DIR = REPO / "outputs" / "pacs"
@@ -114,12 +113,6 @@ def orthanc_config(work_dir: Path, http_port: int, dicom_port: int, plugin: str)
     }
 
 
-def _get_json(url: str, timeout: float = 10):
-    """``GET url`` as parsed JSON."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def start(work_dir: str = str(DEFAULT_WORK_DIR), timeout: float = 60) -> dict:
     """Start Orthanc with a fresh storage in ``work_dir`` and wait until it answers.
 
@@ -149,17 +142,7 @@ def start(work_dir: str = str(DEFAULT_WORK_DIR), timeout: float = 60) -> dict:
     info = {"url": url, "dicomweb": f"{url}/dicom-web", "http_port": http_port, "dicom_port": dicom_port,
             "pid": proc.pid, "log": str(log)}
     (work / "pacs.json").write_text(json.dumps(info, indent=2))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            _get_json(f"{url}/system", timeout=2)
-            return info
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    stop_pid(proc.pid)
-    raise RuntimeError(f"Orthanc did not answer within {timeout} s:\n{log.read_text()[-4000:]}")
+    return wait_until_answers(proc, f"{url}/system", log, "Orthanc", timeout, info)
 
 
 def post_instance(url: str, path: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import torch
 
 from conftest import REPO, bundle_module, run_cmd
@@ -30,3 +31,35 @@ def test_counts_of_an_all_tumour_model(tmp_path, ct_data):
     pooled = result["pooled"]
     assert pooled["fp"] == sum(c["fp"] for c in result["cases"]) and pooled["fn"] == 0
     assert abs(pooled["mean_case_dice"] - sum(c["dice"] for c in result["cases"]) / len(result["cases"])) < 1e-9
+
+
+def test_mask_audit_of_an_all_tumour_teacher(tmp_path, ct_data):
+    """A teacher that calls every voxel tumour finds all tumour (recall 1) with the label's share as precision;
+    the per-class mask keeps half of its voxels, and no tumour voxel gets a background target."""
+    networks = bundle_module("ceds_mediastinum", "networks")
+    net = networks.CEDSNet(channels=[4, 8, 16, 32, 64], dropout_prob_down=0.0, dropout_prob_up=[0.0, 0.0])
+    state = net.state_dict()
+    state["seg_decoder.out_tr.conv2.weight"].zero_()
+    state["seg_decoder.out_tr.conv2.bias"].copy_(torch.tensor([-10.0, 10.0]))
+    ema = {f"module.{k}": v for k, v in state.items()} | {"n_averaged": torch.tensor(1)}
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": state, "ema": ema}, ckpt)
+    out = tmp_path / "audit.json"
+    run_cmd([sys.executable, str(REPO / "scripts" / "ceds_mask_audit.py"), "--checkpoint", str(ckpt), "--datalist",
+             str(ct_data / "datalist_20.json"), "--labels", str(ct_data / "datalist_100.json"), "--batches", "3",
+             "--out", str(out)], cwd=tmp_path, timeout=300)
+    result = json.loads(out.read_text())
+    tumour = result["counts"]["tumour"]
+    assert result["counts"]["background"]["voxels"] == 0 and tumour["voxels"] > 0
+    assert result["tumour_recall"] == 1.0 and result["tumour_kept_as_background"] == 0.0
+    assert result["tumour_precision"] == tumour["tumour"] / tumour["voxels"]
+    assert 0.5 <= result["kept_share"]["tumour"] < 0.55  # the most confident half, ties at the cut kept
+
+
+def test_auroc_of_histograms():
+    from ceds_mask_audit import BINS, _auroc
+
+    low, high = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+    low[10], high[900] = 5, 7
+    assert _auroc(high, low) == 1.0 and _auroc(low, high) == 0.0  # correct voxels scored above / below wrong ones
+    assert _auroc(high, high) == 0.5 and _auroc(high, np.zeros(BINS, np.int64)) is None

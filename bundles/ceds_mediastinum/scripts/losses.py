@@ -129,6 +129,24 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         self.mask = mask
         self.kept_fraction = kept_fraction
 
+    def kept(self, teacher_logits: torch.Tensor, teacher_confidence_logits: torch.Tensor | None) -> torch.Tensor:
+        """The mask of the voxels the consistency counts.
+
+        Args:
+            teacher_logits: ``[B, C, *spatial]``.
+            teacher_confidence_logits: ``[B, 2, *spatial]`` or None (every voxel counts).
+
+        Returns:
+            ``[B, 1, *spatial]`` float mask of ``teacher_logits``' dtype.
+        """
+        teacher_logits = teacher_logits.detach()
+        if teacher_confidence_logits is None:
+            return torch.ones_like(teacher_logits[:, :1])
+        confidence = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2].to(teacher_logits)
+        if self.mask == "threshold":
+            return (confidence > self.threshold).to(teacher_logits)
+        return top_fraction_per_class(confidence, teacher_logits.argmax(1, keepdim=True), self.kept_fraction)
+
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -146,15 +164,7 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         """
         target = sharpen(torch.softmax(teacher_logits.detach(), dim=1), self.temperature)
         dist = (torch.softmax(student_logits, dim=1) - target) ** 2
-        if teacher_confidence_logits is None:
-            mask = torch.ones_like(dist[:, :1])
-        else:
-            confidence = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2].to(dist)
-            if self.mask == "threshold":
-                mask = (confidence > self.threshold).to(dist)
-            else:
-                predicted = teacher_logits.detach().argmax(1, keepdim=True)
-                mask = top_fraction_per_class(confidence, predicted, self.kept_fraction)
+        mask = self.kept(teacher_logits, teacher_confidence_logits).to(dist)
         masked = (dist * mask).sum()
         if self.normalization == "mean":
             return masked / dist.numel()

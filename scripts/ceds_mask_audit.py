@@ -1,0 +1,135 @@
+"""What the CEDS consistency mask keeps: the teacher's pseudo-labels on unlabelled patches, checked against labels.
+
+The phantoms' "unlabelled" training volumes have labels, which training never reads. This tool draws patches of
+them as the unlabelled stream does (``RandSpatialCropSamplesd`` over the volume cropped to the body, no label-guided
+sampling), runs a training checkpoint's EMA teacher on them as :meth:`scripts.trainer.CEDSTrainer.run_teacher` does
+(the config's ``teacher_train_mode`` and weak ``teacher_noise``), builds the config's consistency mask with
+:meth:`scripts.losses.ConfidenceMaskedConsistencyLoss.kept`, and counts, against the labels:
+
+- ``tumour_precision``: of the voxels the teacher calls tumour, the share that is tumour; ``kept_tumour_precision``:
+  the same among the kept ones (the sharpened targets that pull the student towards tumour);
+- ``tumour_recall``: of the tumour voxels, the share the teacher calls tumour; ``tumour_kept_as_background``: the
+  share of tumour voxels kept with a background target (the consistency then pulls the student's tumour away);
+- ``kept_share``: the share of voxels kept, for each predicted class;
+- ``confidence_auroc``: how well the teacher's P(correct) ranks its correct voxels above its wrong ones, within
+  each predicted class (0.5: no better than chance, so the mask selects nothing).
+
+Usage (both datalists of one benchmark data folder; the fully labelled one gives the labels):
+    python scripts/ceds_mask_audit.py --checkpoint <models/checkpoint.pt> \
+        --datalist <data>/datalist_10.json --labels <data>/datalist_100.json [--batches 100] [--out audit.json]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+from bundle_imports import bundle_module, use_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "ceds_mediastinum"
+BINS = 1000
+
+
+def _auroc(correct_hist: np.ndarray, wrong_hist: np.ndarray) -> float | None:
+    """AUROC of a score from its histograms over ``BINS`` equal bins of [0, 1] (ties within a bin count half)."""
+    n_correct, n_wrong = correct_hist.sum(), wrong_hist.sum()
+    if n_correct == 0 or n_wrong == 0:
+        return None
+    wrong_below = np.cumsum(wrong_hist) - wrong_hist
+    return float(((wrong_below + 0.5 * wrong_hist) * correct_hist).sum() / (n_correct * n_wrong))
+
+
+def main(checkpoint: str, datalist: str, labels: str, batches: int = 100, seed: int = 0,
+         overlay: str | None = "configs/cpu_demo.json", teacher_train_mode: bool | None = None,
+         out: str | None = None) -> None:
+    """Audit the consistency mask of ``checkpoint``'s teacher on the ``unlabeled`` split of ``datalist``.
+
+    Args:
+        checkpoint: a training checkpoint with the EMA teacher under ``"ema"`` (``models/checkpoint.pt`` or
+            ``checkpoint_epoch=N.pt``).
+        datalist: the run's datalist; its ``unlabeled`` records are audited.
+        labels: a datalist whose ``training`` records hold the same cases with ``label`` (e.g. ``datalist_100.json``).
+        batches: unlabelled batches drawn (``unlabeled_batch_size`` volumes, ``num_samples`` patches each).
+        seed: seed of the volume choice, crops and noise.
+        overlay: a config overlay relative to the bundle (``None``: the bundle's defaults).
+        teacher_train_mode: override the config's ``teacher_train_mode`` (batch-norm statistics of the batch).
+        out: optional JSON file for the result.
+
+    Prints (and writes to ``out``) the counts and rates listed in the module docstring.
+    """
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, RandSpatialCropSamplesd
+    from monai.utils import set_determinism
+
+    use_bundle(BUNDLE)
+    load_datalist = bundle_module(BUNDLE, "datalist").load_datalist
+    add_clipped_noise = bundle_module(BUNDLE, "trainer").add_clipped_noise
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), *([str(BUNDLE / overlay)] if overlay else [])])
+    parser["bundle_root"] = str(BUNDLE)
+    teacher = parser.get_parsed_content("network_def")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["ema"]
+    teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+    train_mode = parser.get_parsed_content("teacher_train_mode") if teacher_train_mode is None else teacher_train_mode
+    teacher.train(bool(train_mode))
+    consistency = parser.get_parsed_content("consistency_loss")
+    noise = parser.get_parsed_content("teacher_noise")
+    volumes_per_batch = parser.get_parsed_content("unlabeled_batch_size")
+
+    unlabelled = {r["case"] for r in load_datalist(datalist, "unlabeled")}
+    records = [r for r in load_datalist(labels, "training") if r["case"] in unlabelled]
+    if len(records) != len(unlabelled):
+        raise ValueError(f"{labels} labels {len(records)} of the {len(unlabelled)} unlabelled cases of {datalist}.")
+    set_determinism(seed)
+    load = Compose(parser.get_parsed_content("train#deterministic_transforms"))
+    crop = RandSpatialCropSamplesd(["image", "label"], parser.get_parsed_content("roi_size"),
+                                   parser.get_parsed_content("num_samples"), random_size=False)
+    volumes = [load({"image": r["image"], "label": r["label"]}) for r in records]
+    rng = np.random.default_rng(seed)
+
+    counts = {c: {"voxels": 0, "tumour": 0, "kept": 0, "kept_tumour": 0} for c in ("tumour", "background")}
+    hist = {c: {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)} for c in counts}
+    for _ in range(batches):
+        patches = [p for i in rng.choice(len(volumes), volumes_per_batch, replace=False) for p in crop(volumes[i])]
+        image = torch.stack([p["image"].as_tensor() for p in patches])
+        truth = torch.stack([p["label"].as_tensor() for p in patches]) > 0.5
+        with torch.no_grad():
+            seg, confidence = teacher.forward_with_confidence(add_clipped_noise(image, *noise))
+        predicted = seg.argmax(1, keepdim=True) == 1
+        kept = consistency.kept(seg, confidence) > 0
+        p_correct = torch.softmax(confidence, 1)[:, 1:2]
+        for name, where in (("tumour", predicted), ("background", ~predicted)):
+            counts[name]["voxels"] += int(where.sum())
+            counts[name]["tumour"] += int((where & truth).sum())
+            counts[name]["kept"] += int((where & kept).sum())
+            counts[name]["kept_tumour"] += int((where & kept & truth).sum())
+            correct = truth if name == "tumour" else ~truth
+            bins = (p_correct.clamp(0, 1 - 1e-7) * BINS).long()
+            hist[name]["correct"] += np.bincount(bins[where & correct].numpy(), minlength=BINS)
+            hist[name]["wrong"] += np.bincount(bins[where & ~correct].numpy(), minlength=BINS)
+
+    t, b = counts["tumour"], counts["background"]
+    rate = lambda a, n: a / n if n else None  # noqa: E731
+    result = {
+        "checkpoint": checkpoint, "datalist": datalist, "batches": batches, "seed": seed,
+        "teacher_train_mode": bool(train_mode), "counts": counts,
+        "tumour_precision": rate(t["tumour"], t["voxels"]),
+        "kept_tumour_precision": rate(t["kept_tumour"], t["kept"]),
+        "tumour_recall": rate(t["tumour"], t["tumour"] + b["tumour"]),
+        "tumour_kept_as_background": rate(b["kept_tumour"], t["tumour"] + b["tumour"]),
+        "kept_share": {c: rate(counts[c]["kept"], counts[c]["voxels"]) for c in counts},
+        "confidence_auroc": {c: _auroc(hist[c]["correct"], hist[c]["wrong"]) for c in counts},
+    }
+    print(json.dumps({k: v for k, v in result.items() if k not in ("checkpoint", "datalist")}, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

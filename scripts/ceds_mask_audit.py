@@ -16,7 +16,8 @@ sampling), runs a training checkpoint's EMA teacher on them as :meth:`scripts.tr
 
 Usage (both datalists of one benchmark data folder; the fully labelled one gives the labels):
     python scripts/ceds_mask_audit.py --checkpoint <models/checkpoint.pt> \
-        --datalist <data>/datalist_10.json --labels <data>/datalist_100.json [--batches 100] [--out audit.json]
+        --datalist <data>/datalist_10.json --labels <data>/datalist_100.json [--batches 100] [--weights model] \
+        [--out audit.json]
 """
 
 from __future__ import annotations
@@ -44,20 +45,24 @@ def _auroc(correct_hist: np.ndarray, wrong_hist: np.ndarray) -> float | None:
     return float(((wrong_below + 0.5 * wrong_hist) * correct_hist).sum() / (n_correct * n_wrong))
 
 
-def main(checkpoint: str, datalist: str, labels: str, batches: int = 100, seed: int = 0,
+def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", batches: int = 100, seed: int = 0,
          overlay: str | None = "configs/cpu_demo.json", teacher_train_mode: bool | None = None,
-         out: str | None = None) -> None:
-    """Audit the consistency mask of ``checkpoint``'s teacher on the ``unlabeled`` split of ``datalist``.
+         weights: str = "ema", out: str | None = None) -> None:
+    """Audit the consistency mask of ``checkpoint``'s teacher on one split of ``datalist``.
 
     Args:
         checkpoint: a training checkpoint with the EMA teacher under ``"ema"`` (``models/checkpoint.pt`` or
             ``checkpoint_epoch=N.pt``).
-        datalist: the run's datalist; its ``unlabeled`` records are audited.
-        labels: a datalist whose ``training`` records hold the same cases with ``label`` (e.g. ``datalist_100.json``).
+        datalist: the run's datalist.
+        labels: a datalist whose records hold the same cases with ``label`` (e.g. ``datalist_100.json``).
+        split: the split of ``datalist`` audited: ``unlabeled`` (what the mask sees in training), ``training`` (the
+            labelled patches the confidence head learns from, here sampled like unlabelled ones) or ``validation``.
         batches: unlabelled batches drawn (``unlabeled_batch_size`` volumes, ``num_samples`` patches each).
         seed: seed of the volume choice, crops and noise.
         overlay: a config overlay relative to the bundle (``None``: the bundle's defaults).
         teacher_train_mode: override the config's ``teacher_train_mode`` (batch-norm statistics of the batch).
+        weights: the checkpoint entry that acts as the teacher: ``"ema"`` (the teacher) or ``"model"`` (the student,
+            e.g. of a supervised run, whose EMA is not trained).
         out: optional JSON file for the result.
 
     Prints (and writes to ``out``) the counts and rates listed in the module docstring.
@@ -74,7 +79,7 @@ def main(checkpoint: str, datalist: str, labels: str, batches: int = 100, seed: 
     parser.read_config([str(BUNDLE / "configs" / "train.json"), *([str(BUNDLE / overlay)] if overlay else [])])
     parser["bundle_root"] = str(BUNDLE)
     teacher = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["ema"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)[weights]
     teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
     train_mode = parser.get_parsed_content("teacher_train_mode") if teacher_train_mode is None else teacher_train_mode
     teacher.train(bool(train_mode))
@@ -82,10 +87,11 @@ def main(checkpoint: str, datalist: str, labels: str, batches: int = 100, seed: 
     noise = parser.get_parsed_content("teacher_noise")
     volumes_per_batch = parser.get_parsed_content("unlabeled_batch_size")
 
-    unlabelled = {r["case"] for r in load_datalist(datalist, "unlabeled")}
-    records = [r for r in load_datalist(labels, "training") if r["case"] in unlabelled]
-    if len(records) != len(unlabelled):
-        raise ValueError(f"{labels} labels {len(records)} of the {len(unlabelled)} unlabelled cases of {datalist}.")
+    cases = {r["case"] for r in load_datalist(datalist, split)}
+    labelled = {r["case"]: r for s in ("training", "validation", "test") for r in load_datalist(labels, s)}
+    records = [labelled[c] for c in sorted(cases) if c in labelled]
+    if len(records) != len(cases):
+        raise ValueError(f"{labels} labels {len(records)} of the {len(cases)} {split} cases of {datalist}.")
     set_determinism(seed)
     load = Compose(parser.get_parsed_content("train#deterministic_transforms"))
     crop = RandSpatialCropSamplesd(["image", "label"], parser.get_parsed_content("roi_size"),
@@ -117,7 +123,7 @@ def main(checkpoint: str, datalist: str, labels: str, batches: int = 100, seed: 
     t, b = counts["tumour"], counts["background"]
     rate = lambda a, n: a / n if n else None  # noqa: E731
     result = {
-        "checkpoint": checkpoint, "datalist": datalist, "batches": batches, "seed": seed,
+        "checkpoint": checkpoint, "weights": weights, "datalist": datalist, "split": split, "batches": batches, "seed": seed,
         "teacher_train_mode": bool(train_mode), "counts": counts,
         "tumour_precision": rate(t["tumour"], t["voxels"]),
         "kept_tumour_precision": rate(t["kept_tumour"], t["kept"]),

@@ -65,6 +65,12 @@ def test_balanced_confidence_ce(losses):
     all_right = torch.tensor([[[1, 0, 0, 0]]])
     expected = (3 * math.log(2) + math.log(4 / 3)) / 4
     assert losses.ConfidenceCELoss()(conf, seg, all_right).item() == pytest.approx(expected, rel=1e-6)
+    # balanced within each predicted class, then averaged: tumour {v0} (right) -> ln 2; background {v1, v2, v3}
+    # (v3 wrong, weight 2 / 1) -> (2 ln 2 + 2 ln 4) / 4 = 1.5 ln 2
+    per_class = losses.ConfidenceCELoss(balance="predicted_class")
+    assert per_class(conf, seg, label).item() == pytest.approx(1.25 * math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="balance"):
+        losses.ConfidenceCELoss(balance="voxel")
 
 
 def _consistency_case():

@@ -58,17 +58,25 @@ def correctness_target(seg_logits: torch.Tensor, label: torch.Tensor) -> torch.T
 class ConfidenceCELoss(nn.Module):
     """Class-balanced cross-entropy of the confidence head against the correctness of the segmentation.
 
-    The target of voxel ``v`` is ``1`` if ``argmax(seg_logits)[v] == label[v]`` else ``0``. Class 0 ("wrong") is
-    weighted by ``n_correct / n_wrong`` over the batch, class 1 ("correct") by 1, as in the authors' code. When the
-    batch has no wrong voxel the weights are both 1 (the authors' ratio is undefined there).
+    The target of voxel ``v`` is ``1`` if ``argmax(seg_logits)[v] == label[v]`` else ``0``. Wrong voxels are weighted
+    by ``n_correct / n_wrong``, correct ones by 1 (both 1 where no voxel is wrong: the ratio is undefined there):
+
+    - ``balance="batch"`` (the authors): one ratio over the batch. The wrong voxels are then mostly missed tumour,
+      so the head learns "tumour-like means wrong" and ranks the voxels the segmentation calls tumour backwards
+      (``scripts/ceds_mask_audit.py``: AUROC about 0.2 within predicted tumour, on the labelled patches too).
+    - ``balance="predicted_class"``: one ratio within each class the segmentation predicts, and the classes
+      averaged: the head must tell right from wrong among the voxels called tumour, which is what the consistency
+      mask asks of it.
 
     Args:
-        reduction: ``"mean"`` (the weighted mean of ``torch.nn.functional.cross_entropy``) or ``"sum"``.
+        balance: ``"batch"`` or ``"predicted_class"``.
     """
 
-    def __init__(self, reduction: str = "mean") -> None:
+    def __init__(self, balance: str = "batch") -> None:
         super().__init__()
-        self.reduction = reduction
+        if balance not in ("batch", "predicted_class"):
+            raise ValueError(f"balance must be 'batch' or 'predicted_class', got {balance!r}.")
+        self.balance = balance
 
     def forward(self, confidence_logits: torch.Tensor, seg_logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """
@@ -76,13 +84,29 @@ class ConfidenceCELoss(nn.Module):
             confidence_logits: ``[B, 2, *spatial]``.
             seg_logits: ``[B, C, *spatial]`` (not differentiated).
             label: ``[B, 1, *spatial]`` or ``[B, *spatial]`` class indices.
+
+        Returns:
+            a scalar, the weighted mean cross-entropy (averaged over the predicted classes with
+            ``balance="predicted_class"``).
         """
         target = correctness_target(seg_logits.detach(), label)
-        n_correct = int(target.sum())
-        n_wrong = target.numel() - n_correct
-        wrong_weight = n_correct / n_wrong if n_wrong > 0 else 1.0
-        weight = torch.tensor([wrong_weight, 1.0], dtype=confidence_logits.dtype, device=confidence_logits.device)
-        return F.cross_entropy(confidence_logits, target, weight=weight, reduction=self.reduction)
+        if self.balance == "batch":
+            return F.cross_entropy(confidence_logits, target, weight=_balance(target, confidence_logits))
+        ce = F.cross_entropy(confidence_logits, target, reduction="none")
+        predicted = seg_logits.detach().argmax(1)
+        per_class = []
+        for c in predicted.unique():
+            in_class = predicted == c
+            weight = _balance(target[in_class], ce)[target[in_class]]
+            per_class.append((weight * ce[in_class]).sum() / weight.sum())
+        return torch.stack(per_class).mean()
+
+
+def _balance(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Class weights ``[n_correct / n_wrong, 1]`` of a correctness target (``[1, 1]`` when nothing is wrong)."""
+    n_correct = int(target.sum())
+    n_wrong = target.numel() - n_correct
+    return torch.tensor([n_correct / n_wrong if n_wrong > 0 else 1.0, 1.0], dtype=like.dtype, device=like.device)
 
 
 class ConfidenceMaskedConsistencyLoss(nn.Module):

@@ -69,6 +69,10 @@ def test_balanced_confidence_ce(losses):
     # (v3 wrong, weight 2 / 1) -> (2 ln 2 + 2 ln 4) / 4 = 1.5 ln 2
     per_class = losses.ConfidenceCELoss(balance="predicted_class")
     assert per_class(conf, seg, label).item() == pytest.approx(1.25 * math.log(2), rel=1e-6)
+    # a predicted class that is all wrong (early in training) weighs its voxels equally instead of 0 / 0
+    all_wrong = torch.tensor([[[0, 1, 1, 1]]])  # tumour {v0} wrong; background: v3 right, v1 and v2 wrong
+    assert torch.isfinite(per_class(conf, seg, all_wrong))
+    assert torch.isfinite(losses.ConfidenceCELoss()(conf, seg, 1 - torch.tensor([[[1, 0, 0, 0]]])))
     with pytest.raises(ValueError, match="balance"):
         losses.ConfidenceCELoss(balance="voxel")
 

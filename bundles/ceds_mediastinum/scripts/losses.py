@@ -59,7 +59,7 @@ class ConfidenceCELoss(nn.Module):
     """Class-balanced cross-entropy of the confidence head against the correctness of the segmentation.
 
     The target of voxel ``v`` is ``1`` if ``argmax(seg_logits)[v] == label[v]`` else ``0``. Wrong voxels are weighted
-    by ``n_correct / n_wrong``, correct ones by 1 (both 1 where no voxel is wrong: the ratio is undefined there):
+    by ``n_correct / n_wrong``, correct ones by 1 (both 1 where all voxels are right or all wrong):
 
     - ``balance="batch"`` (the authors): one ratio over the batch. The wrong voxels are then mostly missed tumour,
       so the head learns "tumour-like means wrong" and ranks the voxels the segmentation calls tumour backwards
@@ -103,10 +103,12 @@ class ConfidenceCELoss(nn.Module):
 
 
 def _balance(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Class weights ``[n_correct / n_wrong, 1]`` of a correctness target (``[1, 1]`` when nothing is wrong)."""
+    """Class weights ``[n_correct / n_wrong, 1]`` of a correctness target; ``[1, 1]`` when it holds one value only
+    (all right, or all wrong: the ratio would be undefined or 0)."""
     n_correct = int(target.sum())
     n_wrong = target.numel() - n_correct
-    return torch.tensor([n_correct / n_wrong if n_wrong > 0 else 1.0, 1.0], dtype=like.dtype, device=like.device)
+    ratio = n_correct / n_wrong if n_correct > 0 and n_wrong > 0 else 1.0
+    return torch.tensor([ratio, 1.0], dtype=like.dtype, device=like.device)
 
 
 class ConfidenceMaskedConsistencyLoss(nn.Module):

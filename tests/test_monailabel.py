@@ -11,14 +11,10 @@ process group at the end. The first run installs the venv (about 5 min); later r
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, build_monailabel_env
+from monailabel_http import multipart, request
 
 pytestmark = pytest.mark.integration
 
@@ -48,35 +45,6 @@ def server(monailabel_venv, tmp_path_factory):
         assert not helper._alive(info["pid"]), f"MONAI Label server {info['pid']} still running"
 
 
-def _multipart(fields: dict[str, str], files: dict[str, Path] | None = None) -> tuple[bytes, str]:
-    """Encode form fields and files as ``multipart/form-data``; return the body and its content type."""
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for name, value in fields.items():
-        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    for name, path in (files or {}).items():
-        body.write(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode()
-        )
-        body.write(path.read_bytes() + b"\r\n")
-    body.write(f"--{boundary}--\r\n".encode())
-    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def _request(server: dict, method: str, path: str, data: bytes | None = None, content_type: str | None = None,
-             timeout: float = 600) -> bytes:
-    request = urllib.request.Request(server["url"] + path, data=data, method=method)
-    if content_type:
-        request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as err:
-        log = Path(server["log"]).read_text()[-5000:]
-        pytest.fail(f"{method} {path} -> HTTP {err.code}: {err.read()[:500]!r}\nserver log tail:\n{log}")
-
-
 def _checkpoints(bundle: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in (bundle / "models").glob("*.pt")}
 
@@ -87,7 +55,7 @@ def _train(server: dict, model: str) -> None:
     bundle = server["app"] / "model" / model
     before = _checkpoints(bundle)
     params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False, "pretrained": True}
-    _request(server, "POST", f"/train/{model}?run_sync=true", json.dumps(params).encode(), "application/json")
+    request(server, "POST", f"/train/{model}?run_sync=true", json.dumps(params).encode(), "application/json")
     after = _checkpoints(bundle)
     changed = [name for name, mtime in after.items() if before.get(name) != mtime]
     assert "model.pt" in changed, f"models/model.pt not rewritten in {bundle / 'models'}: before {before}, after {after}"
@@ -102,7 +70,7 @@ def test_env_is_idempotent(monailabel_venv):
 
 
 def test_info_lists_both_bundles(server):
-    info = json.loads(_request(server, "GET", "/info/"))
+    info = json.loads(request(server, "GET", "/info/"))
     for model in MODELS:
         assert info["models"][model]["type"] == "segmentation"
         assert list(info["models"][model]["labels"].values()) == [1]
@@ -112,8 +80,8 @@ def test_info_lists_both_bundles(server):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_infer_returns_label_on_study_grid(server, model):
     image_id = MODELS[model]
-    body, content_type = _multipart({"params": json.dumps({"device": "cpu"})})
-    result = _request(server, "POST", f"/infer/{model}?image={image_id}&output=image", body, content_type)
+    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
+    result = request(server, "POST", f"/infer/{model}?image={image_id}&output=image", body, content_type)
     out = server["work"] / f"{model}_{image_id}_label.nii.gz"
     out.write_bytes(result)
     label, image = nib.load(out), nib.load(server["work"] / "studies" / f"{image_id}.nii.gz")
@@ -128,15 +96,15 @@ def test_train_ceds_one_epoch(server):
 
 def test_train_liver_one_epoch_after_submitting_labels(server):
     for case in ("ct_000", "ct_001"):  # the datastore is shared: only liver studies may be labelled now
-        _request(server, "DELETE", f"/datastore/label?id={case}&tag=final")
+        request(server, "DELETE", f"/datastore/label?id={case}&tag=final")
     for case in ("liver_000", "liver_001"):
         label = server["work"] / "phantoms" / "liver" / "labelsTr" / f"{case}.nii.gz"
-        body, content_type = _multipart({}, {"label": label})
-        _request(server, "PUT", f"/datastore/label?image={case}&tag=final", body, content_type)
+        body, content_type = multipart({}, {"label": label})
+        request(server, "PUT", f"/datastore/label?image={case}&tag=final", body, content_type)
     # the local datastore drops a deleted label from its index when its file watcher sees the file go: poll
     deadline = time.monotonic() + 60
     while True:
-        datastore = json.loads(_request(server, "GET", "/datastore/?output=all"))
+        datastore = json.loads(request(server, "GET", "/datastore/?output=all"))
         labelled = sorted(k for k, v in datastore["objects"].items() if "final" in v.get("labels", {}))
         if labelled == ["liver_000", "liver_001"] or time.monotonic() > deadline:
             break

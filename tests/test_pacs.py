@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from test_monailabel import _multipart, _request
+from monailabel_http import multipart, request
 
 pytestmark = pytest.mark.integration
 
@@ -68,10 +68,10 @@ def server(monailabel_venv, pacs, tmp_path_factory):
 
 def _orthanc_segs(pacs: dict) -> dict[str, str]:
     """``{SEG SeriesInstanceUID: referenced image SeriesInstanceUID}`` of every SEG in Orthanc (over its REST API)."""
-    request = urllib.request.Request(
+    find = urllib.request.Request(
         f"{pacs['url']}/tools/find", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"Level": "Instance", "Query": {"Modality": "SEG"}, "Expand": True}).encode())
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(find, timeout=30) as response:
         instances = json.loads(response.read())
     segs = {}
     for instance in instances:
@@ -82,14 +82,14 @@ def _orthanc_segs(pacs: dict) -> dict[str, str]:
 
 
 def test_datastore_lists_the_pacs_series(server, pacs):
-    stats = json.loads(_request(server, "GET", "/datastore/?output=stats"))
+    stats = json.loads(request(server, "GET", "/datastore/?output=stats"))
     assert stats["total"] == 2 and stats["completed"] == 1, stats  # ct_000 has a SEG in the PACS
 
 
 def test_infer_returns_label_on_series_grid_and_saves_it_as_seg(server, pacs):
     case = pacs["uploaded"]["ct_001"]
-    body, content_type = _multipart({"params": json.dumps({"device": "cpu"})})
-    result = _request(server, "POST", f"/infer/{MODEL}?image={case['series']}&output=image", body, content_type)
+    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
+    result = request(server, "POST", f"/infer/{MODEL}?image={case['series']}&output=image", body, content_type)
     out = server["work"] / "ct_001_infer.nii.gz"
     out.write_bytes(result)
     label, source = nib.load(out), nib.load(case["image"])
@@ -99,8 +99,8 @@ def test_infer_returns_label_on_series_grid_and_saves_it_as_seg(server, pacs):
 
     assert case["series"] not in _orthanc_segs(pacs).values()
     params = json.dumps({"label_info": [{"name": "tumour", "model_name": MODEL}]})
-    body, content_type = _multipart({"params": params}, {"label": out})
-    _request(server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
+    body, content_type = multipart({"params": params}, {"label": out})
+    request(server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
     segs = _orthanc_segs(pacs)
     assert sorted(segs.values()) == sorted(c["series"] for c in pacs["uploaded"].values()), segs
 
@@ -150,7 +150,7 @@ def test_monailabel_seg_round_trip_keeps_every_slice(pacs, monailabel_venv):
 
 
 def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
-    datalist = json.loads(_request(server, "GET", "/datastore/?output=train"))
+    datalist = json.loads(request(server, "GET", "/datastore/?output=train"))
     pairs = {Path(item["image"]).name.split(".nii")[0]: Path(item["label"]) for item in datalist}
     assert sorted(pairs) == sorted(c["series"] for c in pacs["uploaded"].values()), datalist
     ct_000 = pacs["uploaded"]["ct_000"]  # its label exists only as the SEG that scripts/pacs.py stored in Orthanc
@@ -160,5 +160,5 @@ def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
     bundle = server["app"] / "model" / MODEL
     before = (bundle / "models" / "model.pt").stat().st_mtime_ns
     params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
-    _request(server, "POST", f"/train/{MODEL}?run_sync=true", json.dumps(params).encode(), "application/json")
+    request(server, "POST", f"/train/{MODEL}?run_sync=true", json.dumps(params).encode(), "application/json")
     assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import torch
@@ -50,13 +52,14 @@ class ConfidenceEvaluator(SupervisedEvaluator):
         self.confidence_key = confidence_key
 
     def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
-        """Run the inferer on :class:`SegmentationWithConfidence`; returns ``image``, ``label``, ``pred`` and the
-        confidence map."""
+        """Run the inferer on :class:`SegmentationWithConfidence` (under CUDA autocast with ``amp``); returns
+        ``image``, ``label``, ``pred`` and the confidence map."""
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-        with engine.mode(engine.network):
+        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else contextlib.nullcontext()
+        with engine.mode(engine.network), autocast:
             seg, confidence = engine.inferer(inputs, SegmentationWithConfidence(engine.network))
         engine.state.output[Keys.PRED] = seg
         engine.state.output[self.confidence_key] = confidence

@@ -100,6 +100,8 @@ def test_top_fraction_per_class(mean_teacher):
     assert mean_teacher.top_fraction_per_class(score, classes, 1e-6).sum() == 2  # at least one per class
     ties = mean_teacher.top_fraction_per_class(torch.ones(1, 1, 4), torch.zeros(1, 1, 4, dtype=torch.long), 0.5)
     assert ties.sum() == 4  # ties with the cut are kept
+    per_class = mean_teacher.top_fraction_per_class(score, classes, [0.5, 1.0])  # all of class 1
+    assert per_class.flatten().tolist() == [0.0] * 4 + [1.0] * 8
 
 
 class _Records(torch.utils.data.Dataset):

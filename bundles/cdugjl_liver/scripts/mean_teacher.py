@@ -52,7 +52,9 @@ def sigmoid_rampup(current: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-def top_fraction_per_class(score: torch.Tensor, classes: torch.Tensor, fraction: float) -> torch.Tensor:
+def top_fraction_per_class(
+    score: torch.Tensor, classes: torch.Tensor, fraction: float | Sequence[float]
+) -> torch.Tensor:
     """Float mask of the highest-scoring ``fraction`` of the voxels of each class (ties with the cut kept).
 
     In a class of ``N`` voxels those whose score is at least the ``ceil(fraction * N)``-th largest are kept, at least
@@ -63,18 +65,20 @@ def top_fraction_per_class(score: torch.Tensor, classes: torch.Tensor, fraction:
     Args:
         score: ``[B, 1, *spatial]``, higher = more trustworthy (e.g. a confidence, or minus an uncertainty).
         classes: ``[B, 1, *spatial]`` class of each voxel (e.g. the teacher's argmax).
-        fraction: in ``(0, 1]``; ``1`` keeps every voxel.
+        fraction: in ``(0, 1]``, for every class or one per class index; ``1`` keeps every voxel of the class.
 
     Returns:
         ``[B, 1, *spatial]`` mask of ``score``'s dtype.
     """
-    if fraction >= 1.0:
+    fractions = [float(fraction)] if isinstance(fraction, (int, float)) else [float(f) for f in fraction]
+    if min(fractions) >= 1.0:
         return torch.ones_like(score)
     mask = torch.zeros_like(score, dtype=torch.bool)
     for label in classes.unique():
         in_class = classes == label
         values = score[in_class]
-        k = values.numel() - max(1, math.ceil(fraction * values.numel())) + 1
+        kept = fractions[int(label)] if len(fractions) > 1 else fractions[0]
+        k = values.numel() - max(1, math.ceil(kept * values.numel())) + 1
         mask |= in_class & (score >= values.kthvalue(k).values)
     return mask.to(score.dtype)
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -128,7 +128,9 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         temperature: sharpening temperature ``T`` of the teacher probabilities (1 = no sharpening).
         threshold: the teacher's P(correct) above which a voxel counts (``mask="threshold"``).
         mask: ``"threshold"`` or ``"per_class"``.
-        kept_fraction: the fraction of each predicted class kept (``mask="per_class"``), in ``(0, 1]``.
+        kept_fraction: the fraction of each predicted class kept (``mask="per_class"``), in ``(0, 1]``: one value
+            for every class, or one per class (e.g. ``[0.5, 1.0]`` keeps the most confident half of the background
+            and all of the teacher's tumour).
         normalization: ``"mean"``: ``sum(m * d) / d.numel()``, the mean over all voxels with masked ones counting
             as zeros (the authors' code); ``"mask"``: ``sum(m * d) / (C * sum(m))``, the mean over the kept voxels
             (UA-MT), 0 when the mask is empty.
@@ -140,15 +142,16 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         threshold: float = 0.5,
         normalization: str = "mean",
         mask: str = "threshold",
-        kept_fraction: float = 0.5,
+        kept_fraction: float | Sequence[float] = 0.5,
     ) -> None:
         super().__init__()
         if normalization not in ("mean", "mask"):
             raise ValueError(f"normalization must be 'mean' or 'mask', got {normalization!r}.")
         if mask not in ("threshold", "per_class"):
             raise ValueError(f"mask must be 'threshold' or 'per_class', got {mask!r}.")
-        if not 0.0 < kept_fraction <= 1.0:
-            raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
+        fractions = [kept_fraction] if isinstance(kept_fraction, (int, float)) else list(kept_fraction)
+        if not all(0.0 < f <= 1.0 for f in fractions):
+            raise ValueError(f"kept_fraction must be in (0, 1] (one value, or one per class), got {kept_fraction}.")
         self.temperature = temperature
         self.threshold = threshold
         self.normalization = normalization

@@ -12,7 +12,8 @@ sampling), runs a training checkpoint's EMA teacher on them as :meth:`scripts.tr
   share of tumour voxels kept with a background target (the consistency then pulls the student's tumour away);
 - ``kept_share``: the share of voxels kept, for each predicted class;
 - ``confidence_auroc``: how well the teacher's P(correct) ranks its correct voxels above its wrong ones, within
-  each predicted class (0.5: no better than chance, so the mask selects nothing).
+  each predicted class (0.5: no better than chance, so the mask selects nothing); ``probability_auroc``: the same
+  for the teacher's own top softmax probability, the score a confidence head has to beat.
 
 Usage (both datalists of one benchmark data folder; the fully labelled one gives the labels):
     python scripts/ceds_mask_audit.py --checkpoint <models/checkpoint.pt> \
@@ -36,13 +37,13 @@ BUNDLE = REPO / "bundles" / "ceds_mediastinum"
 BINS = 1000
 
 
-def _auroc(correct_hist: np.ndarray, wrong_hist: np.ndarray) -> float | None:
+def _auroc(correct: np.ndarray, wrong: np.ndarray) -> float | None:
     """AUROC of a score from its histograms over ``BINS`` equal bins of [0, 1] (ties within a bin count half)."""
-    n_correct, n_wrong = correct_hist.sum(), wrong_hist.sum()
+    n_correct, n_wrong = correct.sum(), wrong.sum()
     if n_correct == 0 or n_wrong == 0:
         return None
-    wrong_below = np.cumsum(wrong_hist) - wrong_hist
-    return float(((wrong_below + 0.5 * wrong_hist) * correct_hist).sum() / (n_correct * n_wrong))
+    wrong_below = np.cumsum(wrong) - wrong
+    return float(((wrong_below + 0.5 * wrong) * correct).sum() / (n_correct * n_wrong))
 
 
 def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", batches: int = 100, seed: int = 0,
@@ -95,12 +96,13 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     set_determinism(seed)
     load = Compose(parser.get_parsed_content("train#deterministic_transforms"))
     crop = RandSpatialCropSamplesd(["image", "label"], parser.get_parsed_content("roi_size"),
-                                   parser.get_parsed_content("num_samples"), random_size=False)
+                                   parser.get_parsed_content("num_samples"), random_size=False).set_random_state(seed)
     volumes = [load({"image": r["image"], "label": r["label"]}) for r in records]
     rng = np.random.default_rng(seed)
 
     counts = {c: {"voxels": 0, "tumour": 0, "kept": 0, "kept_tumour": 0} for c in ("tumour", "background")}
-    hist = {c: {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)} for c in counts}
+    hist = {(score, c): {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)}
+            for score in ("confidence", "probability") for c in counts}
     for _ in range(batches):
         patches = [p for i in rng.choice(len(volumes), volumes_per_batch, replace=False) for p in crop(volumes[i])]
         image = torch.stack([p["image"].as_tensor() for p in patches])
@@ -109,16 +111,18 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
             seg, confidence = teacher.forward_with_confidence(add_clipped_noise(image, *noise))
         predicted = seg.argmax(1, keepdim=True) == 1
         kept = consistency.kept(seg, confidence) > 0
-        p_correct = torch.softmax(confidence, 1)[:, 1:2]
+        scores = {"confidence": torch.softmax(confidence, 1)[:, 1:2],
+                  "probability": torch.softmax(seg, 1).amax(1, keepdim=True)}
         for name, where in (("tumour", predicted), ("background", ~predicted)):
             counts[name]["voxels"] += int(where.sum())
             counts[name]["tumour"] += int((where & truth).sum())
             counts[name]["kept"] += int((where & kept).sum())
             counts[name]["kept_tumour"] += int((where & kept & truth).sum())
             correct = truth if name == "tumour" else ~truth
-            bins = (p_correct.clamp(0, 1 - 1e-7) * BINS).long()
-            hist[name]["correct"] += np.bincount(bins[where & correct].numpy(), minlength=BINS)
-            hist[name]["wrong"] += np.bincount(bins[where & ~correct].numpy(), minlength=BINS)
+            for score, value in scores.items():
+                bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
+                hist[score, name]["correct"] += np.bincount(bins[where & correct].numpy(), minlength=BINS)
+                hist[score, name]["wrong"] += np.bincount(bins[where & ~correct].numpy(), minlength=BINS)
 
     t, b = counts["tumour"], counts["background"]
     rate = lambda a, n: a / n if n else None  # noqa: E731
@@ -130,7 +134,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
         "tumour_recall": rate(t["tumour"], t["tumour"] + b["tumour"]),
         "tumour_kept_as_background": rate(b["kept_tumour"], t["tumour"] + b["tumour"]),
         "kept_share": {c: rate(counts[c]["kept"], counts[c]["voxels"]) for c in counts},
-        "confidence_auroc": {c: _auroc(hist[c]["correct"], hist[c]["wrong"]) for c in counts},
+        "confidence_auroc": {c: _auroc(**hist["confidence", c]) for c in counts},
+        "probability_auroc": {c: _auroc(**hist["probability", c]) for c in counts},
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("checkpoint", "datalist")}, indent=1))
     if out:

@@ -13,7 +13,9 @@ sampling), runs a training checkpoint's EMA teacher on them as :meth:`scripts.tr
 - ``kept_share``: the share of voxels kept, for each predicted class;
 - ``confidence_auroc``: how well the teacher's P(correct) ranks its correct voxels above its wrong ones, within
   each predicted class (0.5: no better than chance, so the mask selects nothing); ``probability_auroc``: the same
-  for the teacher's own top softmax probability, the score a confidence head has to beat.
+  for the teacher's own top softmax probability, the score a confidence head has to beat;
+  ``tumour_auroc_within_patch``: the median over patches of both AUROCs within predicted tumour, one patch at a time
+  (over the patches that hold right and wrong predicted tumour), which no patch-level shift of a score can explain.
 
 Usage (both datalists of one benchmark data folder; the fully labelled one gives the labels):
     python scripts/ceds_mask_audit.py --checkpoint <models/checkpoint.pt> \
@@ -103,6 +105,7 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     counts = {c: {"voxels": 0, "tumour": 0, "kept": 0, "kept_tumour": 0} for c in ("tumour", "background")}
     hist = {(score, c): {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)}
             for score in ("confidence", "probability") for c in counts}
+    within_patch = {"confidence": [], "probability": []}
     for _ in range(batches):
         patches = [p for i in rng.choice(len(volumes), volumes_per_batch, replace=False) for p in crop(volumes[i])]
         image = torch.stack([p["image"].as_tensor() for p in patches])
@@ -123,6 +126,14 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
                 bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
                 hist[score, name]["correct"] += np.bincount(bins[where & correct].numpy(), minlength=BINS)
                 hist[score, name]["wrong"] += np.bincount(bins[where & ~correct].numpy(), minlength=BINS)
+        for score, value in scores.items():  # predicted tumour, one patch at a time
+            bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
+            for i in range(bins.shape[0]):
+                right, wrong = predicted[i] & truth[i], predicted[i] & ~truth[i]
+                auroc = _auroc(np.bincount(bins[i][right].numpy(), minlength=BINS),
+                               np.bincount(bins[i][wrong].numpy(), minlength=BINS))
+                if auroc is not None:
+                    within_patch[score].append(auroc)
 
     t, b = counts["tumour"], counts["background"]
     rate = lambda a, n: a / n if n else None  # noqa: E731
@@ -136,6 +147,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
         "kept_share": {c: rate(counts[c]["kept"], counts[c]["voxels"]) for c in counts},
         "confidence_auroc": {c: _auroc(**hist["confidence", c]) for c in counts},
         "probability_auroc": {c: _auroc(**hist["probability", c]) for c in counts},
+        "tumour_auroc_within_patch": {score: float(np.median(v)) if v else None for score, v in within_patch.items()},
+        "patches_with_right_and_wrong_tumour": len(within_patch["confidence"]),
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("checkpoint", "datalist")}, indent=1))
     if out:

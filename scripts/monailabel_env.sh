@@ -13,7 +13,12 @@
 #   4. installs scripts/torchvision_cpu_compat.py (+ a .pth line) into THIS venv only: PyPI's torchvision 0.28.0
 #      is a CUDA build that cannot be imported with a CPU torch; the shim makes its pure-Python part importable
 #      (MONAI Label only needs torchvision.utils). With a working torchvision the shim is a no-op.
-#   5. writes a stamp; a second call with the same recipe only checks the stamp and returns in about a second.
+#   5. installs dcmqi (PyPI) and writes <venv>/bin/itkimage2segimage, a wrapper that runs dcmqi's binary with
+#      "--skip 0": a DICOMweb-backed MONAI Label writes each final label as a DICOM SEG with the itkimage2segimage
+#      it finds on PATH (without one it downloads dcmqi from GitHub at start-up) and passes no --skip, and dcmqi
+#      leaves empty slices out by default; pydicom-seg, which MONAI Label reads SEGs back with, then rebuilds the
+#      label on the labelled slices only (64 x 64 x 16 for a 64 x 64 x 48 series), which no longer fits its image;
+#   6. writes a stamp; a second call with the same recipe only checks the stamp and returns in about a second.
 #
 # Usage:  bash scripts/monailabel_env.sh [VENV_DIR]
 # Env:    PYTHON (default python3, must be 3.10-3.12), TORCH_PIP_ARGS (extra pip args for the torch install, e.g.
@@ -26,7 +31,7 @@ PYTHON="${PYTHON:-python3}"
 SHIM="$REPO/scripts/torchvision_cpu_compat.py"
 STAMP="$VENV/.monailabel-env-stamp"
 
-RECIPE="torch==2.13.0 monai==1.6.1 monailabel==0.8.5 pydicom<3 | $(cat "${BASH_SOURCE[0]}" "$SHIM" | sha256sum)"
+RECIPE="torch==2.13.0 monai==1.6.1 monailabel==0.8.5 pydicom<3 dcmqi | $(cat "${BASH_SOURCE[0]}" "$SHIM" | sha256sum)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$RECIPE" ] && [ -x "$VENV/bin/monailabel" ]; then
   echo "[monailabel-env] up to date: $VENV"
   exit 0
@@ -56,6 +61,13 @@ export PIP_CONSTRAINT="$CONSTRAINTS"
 
 echo "[monailabel-env] installing monailabel==0.8.5 monai==1.6.1 (constraints: $CONSTRAINTS)"
 "$PY" -m pip install --quiet monailabel==0.8.5 monai==1.6.1 2>&1 | quiet_pip
+
+echo "[monailabel-env] installing dcmqi (MONAI Label's DICOM SEG writer) behind a --skip 0 wrapper"
+"$PY" -m pip install --quiet dcmqi 2>&1 | quiet_pip
+DCMQI_BIN="$("$PY" -c 'import dcmqi, pathlib; print(pathlib.Path(dcmqi.__file__).parent / "bin")')"
+printf '#!/bin/sh\n# Written by scripts/monailabel_env.sh: dcmqi'"'"'s itkimage2segimage encoding every slice.\nexec "%s" --skip 0 "$@"\n' \
+  "$DCMQI_BIN/itkimage2segimage" > "$VENV/bin/itkimage2segimage"
+chmod 755 "$VENV/bin/itkimage2segimage"
 
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp "$SHIM" "$SITE/torchvision_cpu_compat.py"

@@ -25,8 +25,8 @@ studies, ``monai``/``nibabel``/``scipy`` (present in both venvs). What ``serve``
 ``--studies_dir`` may also be a DICOMweb URL (e.g. ``http://127.0.0.1:8042/dicom-web`` of the Orthanc that
 ``scripts/pacs.py`` starts): MONAI Label then lists the PACS's CT series (its default search filter), downloads and
 converts a series to NIfTI when it is used, keeps that cache in ``<work_dir>/dicomweb-cache`` and stores every
-final label back as a DICOM SEG, written by dcmqi's ``itkimage2segimage``, which ``start`` puts into the MONAI Label
-venv from PyPI's ``dcmqi``, encoding every slice (:func:`ensure_dcmqi`).
+final label back as a DICOM SEG, written by dcmqi's ``itkimage2segimage``, which ``scripts/monailabel_env.sh`` puts
+into the MONAI Label venv from PyPI's ``dcmqi``, encoding every slice (:func:`ensure_dcmqi` checks it is there).
 
 Examples (from the repository root)::
 
@@ -283,38 +283,19 @@ def is_dicomweb(studies: str) -> bool:
     return str(studies).startswith(("http://", "https://"))
 
 
-_DCMQI_WRAPPER = """#!/bin/sh
-# Written by scripts/monailabel_server.py (ensure_dcmqi): dcmqi's itkimage2segimage encoding every slice.
-exec "{binary}" --skip 0 "$@"
-"""
-
-
 def ensure_dcmqi(venv: str | os.PathLike = DEFAULT_VENV) -> Path:
-    """Put an ``itkimage2segimage`` that encodes every slice into the venv's ``bin``, installing dcmqi if missing.
+    """The ``itkimage2segimage`` wrapper of the MONAI Label venv, which encodes every slice of a DICOM SEG.
 
-    A DICOMweb-backed MONAI Label writes each final label as a DICOM SEG with dcmqi's ``itkimage2segimage`` found on
-    ``PATH`` (without one it downloads dcmqi from GitHub at start-up). It passes no ``--skip``, and dcmqi leaves
-    empty slices out by default; pydicom-seg, which MONAI Label reads SEGs back with, then rebuilds the label on the
-    labelled slices only (64 x 64 x 16 for a 64 x 64 x 48 series), which no longer fits its image. The wrapper runs
-    the PyPI package's binary with ``--skip 0``.
+    ``scripts/monailabel_env.sh`` installs dcmqi and writes the wrapper (dcmqi's binary with ``--skip 0``; the
+    script says why); a venv made by an older recipe gets a clear error instead of MONAI Label's own download.
 
     Returns:
         the wrapper, ``<venv>/bin/itkimage2segimage``.
     """
     tool = Path(venv).resolve() / "bin" / "itkimage2segimage"
-    if tool.is_file() and "--skip 0" in tool.read_text(errors="ignore"):
-        return tool
-    env, python = _clean_env(venv), str(_venv_python(venv))
-    locate = [python, "-c", "import dcmqi, pathlib; print(pathlib.Path(dcmqi.__file__).parent / 'bin')"]
-    if subprocess.run(locate, env=env, capture_output=True).returncode != 0:
-        constraints = Path(venv) / "monailabel-constraints.txt"
-        if constraints.exists():  # keep scripts/monailabel_env.sh's pins (torch, monai, pydicom<3)
-            env["PIP_CONSTRAINT"] = str(constraints.resolve())
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "dcmqi"], env=env,
-                       check=True)
-    binary = Path(subprocess.run(locate, env=env, capture_output=True, text=True, check=True).stdout.strip())
-    tool.write_text(_DCMQI_WRAPPER.format(binary=binary / "itkimage2segimage"))
-    tool.chmod(0o755)
+    if not (tool.is_file() and "--skip 0" in tool.read_text(errors="ignore")):
+        raise RuntimeError(f"{venv} has no itkimage2segimage with --skip 0 (dcmqi's DICOM SEG writer for a DICOMweb "
+                           "datastore): run bash scripts/monailabel_env.sh to update it.")
     return tool
 
 

@@ -15,7 +15,8 @@ sampling), runs a training checkpoint's EMA teacher on them as :meth:`scripts.tr
   each predicted class (0.5: no better than chance, so the mask selects nothing); ``probability_auroc``: the same
   for the teacher's own top softmax probability, the score a confidence head has to beat;
   ``tumour_auroc_within_patch``: the median over patches of both AUROCs within predicted tumour, one patch at a time
-  (over the patches that hold right and wrong predicted tumour), which no patch-level shift of a score can explain.
+  (over the patches that hold right and wrong predicted tumour), which no patch-level shift of a score can explain;
+- ``mean_score``: the mean of each score over the right and over the wrong voxels of each predicted class.
 
 Usage (both datalists of one benchmark data folder; the fully labelled one gives the labels):
     python scripts/ceds_mask_audit.py --checkpoint <models/checkpoint.pt> \
@@ -106,6 +107,7 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     hist = {(score, c): {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)}
             for score in ("confidence", "probability") for c in counts}
     within_patch = {"confidence": [], "probability": []}
+    sums = {(score, c, r): [0.0, 0] for score in ("confidence", "probability") for c in counts for r in ("right", "wrong")}
     for _ in range(batches):
         patches = [p for i in rng.choice(len(volumes), volumes_per_batch, replace=False) for p in crop(volumes[i])]
         image = torch.stack([p["image"].as_tensor() for p in patches])
@@ -126,6 +128,9 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
                 bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
                 hist[score, name]["correct"] += np.bincount(bins[where & correct].numpy(), minlength=BINS)
                 hist[score, name]["wrong"] += np.bincount(bins[where & ~correct].numpy(), minlength=BINS)
+                for right, voxels in (("right", where & correct), ("wrong", where & ~correct)):
+                    sums[score, name, right][0] += float(value[voxels].sum())
+                    sums[score, name, right][1] += int(voxels.sum())
         for score, value in scores.items():  # predicted tumour, one patch at a time
             bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
             for i in range(bins.shape[0]):
@@ -147,6 +152,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
         "kept_share": {c: rate(counts[c]["kept"], counts[c]["voxels"]) for c in counts},
         "confidence_auroc": {c: _auroc(**hist["confidence", c]) for c in counts},
         "probability_auroc": {c: _auroc(**hist["probability", c]) for c in counts},
+        "mean_score": {score: {c: {r: rate(*sums[score, c, r]) for r in ("right", "wrong")} for c in counts}
+                       for score in ("confidence", "probability")},
         "tumour_auroc_within_patch": {score: float(np.median(v)) if v else None for score, v in within_patch.items()},
         "patches_with_right_and_wrong_tumour": len(within_patch["confidence"]),
     }

@@ -51,7 +51,7 @@ def _auroc(correct: np.ndarray, wrong: np.ndarray) -> float | None:
 
 def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", batches: int = 100, seed: int = 0,
          overlay: str | None = "configs/cpu_demo.json", teacher_train_mode: bool | None = None,
-         weights: str = "ema", out: str | None = None) -> None:
+         weights: str = "ema", train: dict | None = None, out: str | None = None) -> None:
     """Audit the consistency mask of ``checkpoint``'s teacher on one split of ``datalist``.
 
     Args:
@@ -67,6 +67,7 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
         teacher_train_mode: override the config's ``teacher_train_mode`` (batch-norm statistics of the batch).
         weights: the checkpoint entry that acts as the teacher: ``"ema"`` (the teacher) or ``"model"`` (the student,
             e.g. of a supervised run, whose EMA is not trained).
+        train: the run's config overrides, e.g. ``{"confidence_kept_fraction": [0.5, 1.0]}`` of a trial.
         out: optional JSON file for the result.
 
     Prints (and writes to ``out``) the counts and rates listed in the module docstring.
@@ -82,6 +83,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / "train.json"), *([str(BUNDLE / overlay)] if overlay else [])])
     parser["bundle_root"] = str(BUNDLE)
+    for key, value in (train or {}).items():
+        parser[key] = value
     teacher = parser.get_parsed_content("network_def")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)[weights]
     teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
@@ -143,7 +146,7 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     t, b = counts["tumour"], counts["background"]
     rate = lambda a, n: a / n if n else None  # noqa: E731
     result = {
-        "checkpoint": checkpoint, "weights": weights, "datalist": datalist, "split": split, "batches": batches, "seed": seed,
+        "checkpoint": checkpoint, "weights": weights, "train": train or {}, "datalist": datalist, "split": split, "batches": batches, "seed": seed,
         "teacher_train_mode": bool(train_mode), "counts": counts,
         "tumour_precision": rate(t["tumour"], t["voxels"]),
         "kept_tumour_precision": rate(t["kept_tumour"], t["kept"]),

@@ -123,6 +123,14 @@ def test_per_class_mask_keeps_confident_tumour(losses):
     kept = student.grad[0, 1].abs() > 0
     assert kept.tolist() == [False, True, False, True, True, True, False, False]  # 2 of 4 per class, most confident
     assert (student.grad[0, 1, 4:] < 0).sum() == 2  # gradient descent raises the tumour probability there
+    student.grad = None
+    background_only = losses.ConfidenceMaskedConsistencyLoss(temperature=1.0, normalization="mask",
+                                                             mask="per_class", kept_fraction=[0.5, 1.0])
+    background_only(student, teacher, confidence).backward()
+    kept = student.grad[0, 1].abs() > 0
+    assert kept.tolist() == [False, True, False, True, True, True, True, True]  # every predicted tumour voxel
+    with pytest.raises(ValueError, match="kept_fraction"):
+        losses.ConfidenceMaskedConsistencyLoss(mask="per_class", kept_fraction=[0.5, 0.0])
     with pytest.raises(ValueError, match="mask"):
         losses.ConfidenceMaskedConsistencyLoss(mask="soft")
 

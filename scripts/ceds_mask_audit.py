@@ -110,7 +110,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     hist = {(score, c): {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)}
             for score in ("confidence", "probability") for c in counts}
     within_patch = {"confidence": [], "probability": []}
-    sums = {(score, c, r): [0.0, 0] for score in ("confidence", "probability") for c in counts for r in ("right", "wrong")}
+    sums = {(score, c, r): [0.0, 0]
+            for score in ("confidence", "probability") for c in counts for r in ("right", "wrong")}
     for _ in range(batches):
         patches = [p for i in rng.choice(len(volumes), volumes_per_batch, replace=False) for p in crop(volumes[i])]
         image = torch.stack([p["image"].as_tensor() for p in patches])
@@ -146,8 +147,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     t, b = counts["tumour"], counts["background"]
     rate = lambda a, n: a / n if n else None  # noqa: E731
     result = {
-        "checkpoint": checkpoint, "weights": weights, "train": train or {}, "datalist": datalist, "split": split, "batches": batches, "seed": seed,
-        "teacher_train_mode": bool(train_mode), "counts": counts,
+        "checkpoint": checkpoint, "weights": weights, "train": train or {}, "datalist": datalist, "split": split,
+        "batches": batches, "seed": seed, "teacher_train_mode": bool(train_mode), "counts": counts,
         "tumour_precision": rate(t["tumour"], t["voxels"]),
         "kept_tumour_precision": rate(t["kept_tumour"], t["kept"]),
         "tumour_recall": rate(t["tumour"], t["tumour"] + b["tumour"]),

@@ -473,7 +473,8 @@ def teachers(
         for seed in seeds:
             teacher = bench.teacher(ratio, seed)[1]["validation"]
             student = Run("cdugjl_liver", suite, ratio, "supervised", seed, {})
-            curve = json.loads(bench.result_path(student).read_text())["validation"] if bench.finished(student) else None
+            finished = bench.finished(student)
+            curve = json.loads(bench.result_path(student).read_text())["validation"] if finished else None
             print(f"{ratio:5d}  {seed:4d}  {teacher[-1][1]:12.3f}  {curve[-1][1] if curve else float('nan'):31.3f}",
                   flush=True)
 

@@ -2,9 +2,9 @@
 
 Reads the per-run JSON files of ``benchmark_accuracy.py`` and ``benchmark_speed.py`` under
 ``docs/benchmarks/results/``, writes ``results/accuracy_<profile>_summary.csv`` and ``results/summary.json``, draws
-``docs/benchmarks/dice_vs_label_ratio_<profile>.png`` (next to the document), and replaces each generated block of ``docs/benchmarks.md``
-(between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table, as well as the accuracy table of
-each bundle's model card (``bundles/<bundle>/docs/README.md``, found relative to the document).
+``docs/benchmarks/dice_vs_label_ratio_<profile>.png`` (next to the document), and replaces each generated block of
+``docs/benchmarks.md`` (between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table, as well as the
+accuracy table of each bundle's model card (``bundles/<bundle>/docs/README.md``, found relative to the document).
 
 ``figure`` runs each bundle's ``inference.json`` with the final checkpoint of its own method (10 % labels,
 seed 0) on test cases and draws ``docs/benchmarks/test_cases_<profile>.png``: image, ground truth, prediction and
@@ -110,7 +110,8 @@ def accuracy_table(rows: list[dict], bundle: str) -> str:
 
 def gap_recovered(rows: list[dict], bundle: str) -> list[dict]:
     """Fraction of the (supervised at r %) -> (supervised at 100 %) Dice gap each semi-supervised method recovers."""
-    dice = {(r["ratio"], r["method"]): r["Dice mean"] for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy"}
+    dice = {(r["ratio"], r["method"]): r["Dice mean"]
+            for r in rows if r["bundle"] == bundle and r["suite"] == "accuracy"}
     full = dice.get((100, "supervised"))
     out = []
     for ratio in (10, 20):

@@ -90,7 +90,8 @@ def main(teacher: str, student: str, datalist: str, cases: int = 12, overlay: st
     }
     kl = result["kl"]
     print(f"mean KL per voxel: Dirichlet {kl['dirichlet']:.4f}, class probabilities {kl['class']:.6f}")
-    print(f"median strength S: teacher {result['strength']['teacher']:.1f}, student {result['strength']['student']:.1f}; "
+    print(f"median strength S: teacher {result['strength']['teacher']:.1f}, "
+          f"student {result['strength']['student']:.1f}; "
           f"at the evidence clamp: teacher {result['saturated']['teacher']:.3f}, "
           f"student {result['saturated']['student']:.3f} of the voxels")
     print(f"voxels ({voxels}, {tumour} tumour): " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -535,9 +535,9 @@ def load_cases(inputs: str | os.PathLike, case_name: CaseName, split: str = "tes
     """The cases to process, each ``{"case": id, "image": path or [paths], "label": path (optional), ...}``.
 
     Args:
-        inputs: a folder of NIfTI files and / or DICOM series folders, a CSV file (column ``image``, several files separated by ``;``, optional
-            ``case`` and ``label``; paths relative to the CSV's folder) or a datalist JSON (a list of records or a
-            dict of splits; paths relative to its folder).
+        inputs: a folder of NIfTI files and / or DICOM series folders, a CSV file (column ``image``, several files
+            separated by ``;``, optional ``case`` and ``label``; paths relative to the CSV's folder) or a datalist JSON
+            (a list of records or a dict of splits; paths relative to its folder).
         case_name: the bundle's case-naming rule, ``case_name(image, modality_suffixes) -> id`` (its
             ``scripts/case_meta.py``), for records without a ``case``.
         split: the split of a datalist dict to read.

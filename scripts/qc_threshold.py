@@ -4,7 +4,8 @@ separates poor segmentations from good ones on a validation split.
 Usage (from the repository root)::
 
     python scripts/qc_threshold.py --bundle bundles/cdugjl_liver --overlay configs/cpu_demo.json \\
-        --checkpoints "[a/model.pt, b/model.pt]" --datalist outputs/benchmarks/cpu/data/cdugjl_liver/datalist_100.json \\
+        --checkpoints "[a/model.pt, b/model.pt]" \\
+        --datalist outputs/benchmarks/cpu/data/cdugjl_liver/datalist_100.json \\
         --out_dir outputs/qc/cdugjl_liver
 
 Each checkpoint is run over the ``validation`` split with :func:`batch_infer.run_batch` (resumable: finished cases
@@ -12,7 +13,8 @@ are skipped); every (checkpoint, case) pair gives the mean doubt inside the pred
 Dice of the mask against the case's label. A case is *poor* when its Dice is below ``min_dice``; the threshold is
 the one that maximises Youden's J = sensitivity + specificity - 1 for flagging poor cases (mean doubt > threshold),
 among the midpoints between measured doubts. Cases with an empty mask are left out (the QC flags an empty mask by
-itself); a mask on a tumour-free case has Dice 0 and is poor. The table and the choice go to ``<out_dir>/qc_threshold.json``.
+itself); a mask on a tumour-free case has Dice 0 and is poor. The table and the choice go to
+``<out_dir>/qc_threshold.json``.
 """
 
 from __future__ import annotations

@@ -235,6 +235,7 @@ def scan(
                          "max_abs_error": errors[impl]})
     rows.append(_scan_gpu_row(gpu_length, batch, d_inner, d_state, chunk_size, repeats, warmup))
     return write_and_print("scan", rows, settings, out_dir, tag, env,
-                           "selective scan, forward + backward (time_s: fused / chunked / mamba_ssm, baseline: ref / ref / chunked)",
+                           "selective scan, forward + backward "
+                           "(time_s: fused / chunked / mamba_ssm, baseline: ref / ref / chunked)",
                            ["device", "length", "method", "baseline", "time_s", "baseline_time_s", "speedup",
                             "peak_mb", "baseline_peak_mb", "status"])

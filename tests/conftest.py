@@ -20,7 +20,11 @@ BUNDLES = REPO / "bundles"
 SCHEMA = Path(os.environ.get("MONAI_META_SCHEMA", REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"))
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 
-from bundle_imports import bundle_module, use_bundle  # tests import it from conftest; pytest.ini puts scripts/ on the path
+from bundle_imports import bundle_module, use_bundle  # pytest.ini puts scripts/ on the path
+
+# The helpers tests import from here; ``bundle_module`` is not used in this file, only re-exported for the tests.
+__all__ = ["BUNDLES", "REPO", "SCHEMA_MD5", "build_monailabel_env", "bundle_module", "cpu_demo_checkpoint",
+           "meta_schema", "run_cmd", "torchrun", "use_bundle"]
 
 
 def meta_schema() -> Path:
@@ -41,7 +45,8 @@ def run_cmd(args: list[str], cwd: str | os.PathLike, timeout: float = 1200, env:
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                    f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 

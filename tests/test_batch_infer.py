@@ -135,7 +135,8 @@ def test_checkpoint_loading_is_weights_only():
     assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)
     for bundle in BUNDLES.iterdir():
         subclass = (bundle / "scripts" / "architecture.py").read_text()
-        assert "class ArchitectureCheckpointLoader(CheckpointLoader)" in subclass and "super().__call__(engine)" in subclass
+        assert ("class ArchitectureCheckpointLoader(CheckpointLoader)" in subclass
+                and "super().__call__(engine)" in subclass)
 
 
 @pytest.mark.integration
@@ -225,7 +226,8 @@ def test_each_bundle_refuses_the_other_modality(ct_data, liver_data, ct_model, l
         listing.write_text(json.dumps([record]))
         out = tmp_path / bundle
         summary = batch_infer.run_batch(str(BUNDLES / bundle), str(listing), str(out),
-                                        BatchOptions(checkpoint=str(model), overlay=OVERLAY, device="cpu", progress=False))
+                                        BatchOptions(checkpoint=str(model), overlay=OVERLAY, device="cpu",
+                                                     progress=False))
         row = summary["cases"][0]
         assert row["status"] == "invalid" and reason in row["reason"], row
         assert summary["counts"]["invalid"] == 1 and not (out / record["case"]).exists()

@@ -110,8 +110,8 @@ def test_tiny_profile_runs_resumes_and_reports(tmp_path):
 
     doc = tmp_path / "benchmarks.md"
     shutil.copy(REPO / "docs" / "benchmarks.md", doc)
-    run_cmd([sys.executable, str(REPO / "scripts" / "benchmark_report.py"), "report", "--profile", "tiny", "--doc", str(doc),
-             "--results", str(results)], cwd=tmp_path, timeout=120, env=ENV)
+    run_cmd([sys.executable, str(REPO / "scripts" / "benchmark_report.py"), "report", "--profile", "tiny",
+             "--doc", str(doc), "--results", str(results)], cwd=tmp_path, timeout=120, env=ENV)
     text = doc.read_text()
     block = text[text.index("<!-- begin:accuracy_ceds_mediastinum -->"):text.index("<!-- end:accuracy_ceds")]
     assert "python scripts/benchmark_accuracy.py run --profile tiny" in block

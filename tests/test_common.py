@@ -1,4 +1,6 @@
-"""The modules both bundles ship (``scripts/architecture.py``, tested in ``test_architecture.py``, ``scripts/case_meta.py``, ``scripts/dicom_series.py`` (tested in ``test_dicom.py``), ``scripts/mean_teacher.py``, ``scripts/modality.py`` (tested in ``test_input_checks.py``), ``scripts/semi_supervised.py``,
+"""The modules both bundles ship (``scripts/architecture.py``, tested in ``test_architecture.py``,
+``scripts/case_meta.py``, ``scripts/dicom_series.py`` (tested in ``test_dicom.py``), ``scripts/mean_teacher.py``,
+``scripts/modality.py`` (tested in ``test_input_checks.py``), ``scripts/semi_supervised.py``,
 ``scripts/surface_metrics.py`` and ``scripts/datalist.py``, tested in ``test_undefined_distances.py`` and
 ``test_liver_data.py``): identical copies, and what each piece does."""
 
@@ -13,8 +15,8 @@ import torch
 from conftest import BUNDLES, bundle_module
 
 BUNDLE_NAMES = ("cdugjl_liver", "ceds_mediastinum")
-COMMON = ("architecture.py", "case_meta.py", "datalist.py", "dicom_seg.py", "dicom_series.py", "mean_teacher.py", "modality.py",
-          "semi_supervised.py", "surface_metrics.py")
+COMMON = ("architecture.py", "case_meta.py", "datalist.py", "dicom_seg.py", "dicom_series.py", "mean_teacher.py",
+          "modality.py", "semi_supervised.py", "surface_metrics.py")
 
 
 @pytest.mark.parametrize("name", COMMON)
@@ -242,8 +244,8 @@ SHARED_KEYS = {
 
 def test_both_bundles_name_the_same_concepts_alike():
     """One config contract: the keys a maintainer (and MONAI Label, the benchmark tools) reaches for exist under the
-    same name in both bundles' ``train.json`` and ``inference.json``, and ``loss`` is ``loss_def`` on the device as ``network`` is
-    ``network_def``."""
+    same name in both bundles' ``train.json`` and ``inference.json``, and ``loss`` is ``loss_def`` on the device as
+    ``network`` is ``network_def``."""
     for bundle in ("ceds_mediastinum", "cdugjl_liver"):
         config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
         for section, keys in SHARED_KEYS.items():

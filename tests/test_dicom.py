@@ -70,7 +70,8 @@ def test_check_series_names_the_folder_series_and_problem(tmp_path):
     good = tmp_path / "good"
     uids = dicom_io.write_series(array, affine, good, "CT", "chest")
     info = checks.check_series(good, "CT")
-    assert info["series_uid"] == uids["series"] and info["slices"] == 6 and info["spacing"] == pytest.approx(2.5, abs=1e-4)
+    assert (info["series_uid"] == uids["series"] and info["slices"] == 6
+            and info["spacing"] == pytest.approx(2.5, abs=1e-4))
 
     assert f"{good} (series 'chest' ({uids['series']})): modality CT; this model expects MR" in _problem(good, "MR")
 

@@ -140,7 +140,8 @@ def test_heads(ev):
     alpha = ev.DirichletHead("softplus")(logits)
     assert alpha.tolist()[0] == pytest.approx([1.0, 1.0 + math.log(2), 1.0 + math.log1p(math.exp(2.0)), 51.0], abs=1e-5)
     alpha = ev.DirichletHead()(logits)  # exponential evidence, logits clamped to [-10, 10]
-    assert alpha.tolist()[0] == pytest.approx([1.0 + math.exp(-10), 2.0, 1.0 + math.exp(2.0), 1.0 + math.exp(10)], rel=1e-6)
+    assert alpha.tolist()[0] == pytest.approx([1.0 + math.exp(-10), 2.0, 1.0 + math.exp(2.0), 1.0 + math.exp(10)],
+                                              rel=1e-6)
     with pytest.raises(ValueError):
         ev.DirichletHead("relu")
     nig = ev.NIGHead(3)(torch.zeros(2, 12))

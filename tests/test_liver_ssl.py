@@ -169,7 +169,8 @@ def test_contrast_head_cannot_empty_the_term(distillation):
     regions[:, 4:12, 4:12] = 1
     regions[:, 6:10, 6:10] = 2
     base = torch.randn(32)
-    directions = torch.stack([base + 0.35 * torch.randn(32) for _ in range(3)])  # regions the teacher barely tells apart
+    # regions the teacher barely tells apart
+    directions = torch.stack([base + 0.35 * torch.randn(32) for _ in range(3)])
     teacher = sum((regions[:, None] == r) * directions[r][None, :, None, None] for r in range(3)).float()
     teacher = teacher + 0.05 * torch.randn_like(teacher)
     student = teacher + 0.5 * torch.randn_like(teacher)

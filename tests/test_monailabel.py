@@ -58,7 +58,8 @@ def _train(server: dict, model: str) -> None:
     request(server, "POST", f"/train/{model}?run_sync=true", json.dumps(params).encode(), "application/json")
     after = _checkpoints(bundle)
     changed = [name for name, mtime in after.items() if before.get(name) != mtime]
-    assert "model.pt" in changed, f"models/model.pt not rewritten in {bundle / 'models'}: before {before}, after {after}"
+    assert "model.pt" in changed, (f"models/model.pt not rewritten in {bundle / 'models'}: "
+                                   f"before {before}, after {after}")
 
 
 def test_env_is_idempotent(monailabel_venv):

@@ -1,4 +1,5 @@
-"""Unit tests of ``scripts/monailabel_server.py`` that need no MONAI Label venv: which weights a bundle is served with."""
+"""Unit tests of ``scripts/monailabel_server.py`` that need no MONAI Label venv: which weights a bundle is served
+with."""
 
 from __future__ import annotations
 

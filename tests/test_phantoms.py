@@ -187,7 +187,8 @@ def _working_pixdim(bundle: str) -> float:
     """In-plane spacing of the ``cpu`` benchmark profile (``cpu_demo.json`` unless the profile overrides it)."""
     import benchmark_accuracy
 
-    demo = json.loads((Path(phantoms.__file__).parents[1] / "bundles" / bundle / "configs" / "cpu_demo.json").read_text())
+    demo = json.loads((Path(phantoms.__file__).parents[1] / "bundles" / bundle / "configs" / "cpu_demo.json")
+                      .read_text())
     return float(benchmark_accuracy.PROFILES["cpu"][bundle].train.get("pixdim", demo["pixdim"])[0])
 
 
@@ -369,7 +370,8 @@ def test_liver_mimics_are_t2_bright_background_and_optional():
         for mask in case["mimic_masks"]:
             found += 1
             assert not (case["label"][mask]).any() and np.all(case["organs"][mask] == 1)
-            ratio = {k: np.median(case["images"][k][mask]) / np.median(case["images"][k][liver]) for k in case["images"]}
+            ratio = {k: np.median(case["images"][k][mask]) / np.median(case["images"][k][liver])
+                     for k in case["images"]}
             assert ratio["t2w"] > 1.1 and all(0.85 < ratio[k] < 1.15 for k in ("dwi", "art", "pv", "delay")), ratio
     assert found >= 3
 
@@ -384,7 +386,8 @@ def test_liver_mimic_types():
                                                                         *case["mimic_masks"]], axis=0)
         for mask, kind in zip(case["mimic_masks"], case["mimics"]):
             assert not case["label"][mask].any()
-            ratio = {k: np.median(case["images"][k][mask]) / np.median(case["images"][k][liver]) for k in case["images"]}
+            ratio = {k: np.median(case["images"][k][mask]) / np.median(case["images"][k][liver])
+                     for k in case["images"]}
             assert all(0.85 < ratio[k] < 1.15 for k in ("art", "pv", "delay")), (kind, ratio)
             medians.setdefault(kind, []).append((ratio["t2w"], ratio["dwi"]))
     assert set(medians) == set(phantoms.MIMIC_TYPES)

@@ -1,8 +1,9 @@
 """Evidential heads and losses: a voxel-wise Dirichlet for segmentation, a Normal-Inverse-Gamma for regression.
 
 Segmentation (Sensoy et al., NeurIPS 2018; Zou et al., TBraTS, MICCAI 2022): the network emits non-negative
-evidence ``e = exp(logits)`` (or ``softplus(logits)``) per class and voxel, the Dirichlet concentration is ``alpha = e + 1`` with
-strength ``S = sum_k alpha_k``; the expected probability is ``alpha / S`` and the uncertainty (vacuity) ``K / S``.
+evidence ``e = exp(logits)`` (or ``softplus(logits)``) per class and voxel, the Dirichlet concentration is
+``alpha = e + 1`` with strength ``S = sum_k alpha_k``; the expected probability is ``alpha / S`` and the
+uncertainty (vacuity) ``K / S``.
 
 Quantification (Amini et al., NeurIPS 2020): every regressed value ``y`` gets a Normal-Inverse-Gamma prior
 ``NIG(gamma, nu, alpha, beta)`` over the mean and variance of its likelihood; the prediction is ``gamma``, the

@@ -4,8 +4,8 @@
 ``mamba_ssm.modules.mamba_simple.Mamba`` (mamba-ssm 1.x/2.x), so checkpoints load in both directions. On a
 CUDA input, with ``mamba_ssm`` importable, it calls the fused CUDA kernels; on a CPU, with numba importable, the
 fused CPU scan of :mod:`scripts.selective_scan_fused`; otherwise (and under tracing, export and ``torch.compile``)
-the float32 pure-PyTorch chunked selective scan of :mod:`scripts.selective_scan`. ``mamba_ssm`` is imported lazily, on the
-first CUDA forward only, so CPU use (training, inference, TorchScript tracing, ONNX export) never touches it.
+the float32 pure-PyTorch chunked selective scan of :mod:`scripts.selective_scan`. ``mamba_ssm`` is imported lazily,
+on the first CUDA forward only, so CPU use (training, inference, TorchScript tracing, ONNX export) never touches it.
 ``torch.jit.trace`` and ``torch.onnx.export`` (both exporters) work in eval mode and give graphs specialised to the
 traced token count (use a fixed ROI); ``torch.jit.script`` is not supported.
 

@@ -11,9 +11,9 @@ is compiled, without any ``exp``: the decays ``exp(dt_t * A)`` are a vectorised 
 :data:`BLOCK` tokens at a time, each block then run by the compiled loop with the states carried over (and computed
 again, block by block in reverse, for the backward, which derives the step size's and ``A``'s gradients from
 them). A scalar ``exp`` per state and token inside the loop made it slower than the chunked scan, and the decays of
-the whole sequence at once ([B, D, L, N] float32, kept for the backward) cost more to allocate than to compute. The step size
-``softplus(delta + delta_bias)``, the ``D`` skip and the ``silu(z)`` gate stay PyTorch operations, differentiated
-by autograd. Arithmetic is float32, sequential along the sequence.
+the whole sequence at once ([B, D, L, N] float32, kept for the backward) cost more to allocate than to compute. The
+step size ``softplus(delta + delta_bias)``, the ``D`` skip and the ``silu(z)`` gate stay PyTorch operations,
+differentiated by autograd. Arithmetic is float32, sequential along the sequence.
 
 numba is optional: :data:`AVAILABLE` is ``False`` without it, and ``scripts.mamba.Mamba`` then uses the chunked
 scan. The first call in a process compiles the kernels (about 2 s each on one core). They are not cached on disk:

@@ -137,7 +137,8 @@ class ArchitectureCheckpointLoader(CheckpointLoader):
                    "configs/cpu_demo.json), or copy the training run's " + ARGUMENTS_FILE + " beside the checkpoint")
         if shapes:
             name, theirs, ours = shapes[0]
-            detail = f"{len(shapes)} weights differ in shape, first {name}: checkpoint {list(theirs)}, network {list(ours)}"
+            detail = (f"{len(shapes)} weights differ in shape, first {name}: "
+                      f"checkpoint {list(theirs)}, network {list(ours)}")
         elif missing:
             detail = f"{len(missing)} weights of the network are not in the checkpoint, first {missing[0]}"
         else:

@@ -205,7 +205,8 @@ class CEDSLoss(nn.Module):
 
     - ``warmup``: ``seg_loss(seg, label) + confidence_loss(confidence, seg, label)``;
     - ``semi``: ``seg_loss(seg, label) + w(t) * consistency_loss(student, teacher, teacher confidence)`` over the
-      patches the teacher saw (the unlabelled ones; the labelled ones first when it saw them too), with ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup)``
+      patches the teacher saw (the unlabelled ones; the labelled ones first when it saw them too), with
+      ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup)``
       (``t``: the fraction of the run done); the teacher's confidence masks the consistency in ``"ceds"`` mode only;
     - ``confidence``: the ``semi`` loss ``+ confidence_loss(confidence, seg, label)``.
 

@@ -63,3 +63,28 @@ def test_auroc_of_histograms():
     low[10], high[900] = 5, 7
     assert _auroc(high, low) == 1.0 and _auroc(low, high) == 0.0  # correct voxels scored above / below wrong ones
     assert _auroc(high, high) == 0.5 and _auroc(high, np.zeros(BINS, np.int64)) is None
+
+
+def test_head_fit_trains_the_confidence_branch_alone(tmp_path, ct_data):
+    """``scripts/ceds_head_fit.py`` moves the confidence head and nothing else: the segmentation's scores on the
+    fixed patches stay the same from one scoring to the next while the head's change."""
+    networks = bundle_module("ceds_mediastinum", "networks")
+    torch.manual_seed(0)
+    net = networks.CEDSNet(channels=[4, 8, 16, 32, 64], dropout_prob_down=0.0, dropout_prob_up=[0.0, 0.0])
+    state = net.state_dict()
+    state["seg_decoder.out_tr.conv2.bias"].copy_(torch.tensor([-1.0, 1.0]))  # mostly tumour, not everywhere alike
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": state}, ckpt)
+    out = tmp_path / "fit.json"
+    run_cmd([sys.executable, str(REPO / "scripts" / "ceds_head_fit.py"), "--checkpoint", str(ckpt), "--datalist",
+             str(ct_data / "datalist_20.json"), "--fresh", "--iterations", "4", "--every", "2", "--eval_batches", "2",
+             "--out", str(out)], cwd=tmp_path, timeout=300)
+    curve = json.loads(out.read_text())["curve"]
+    assert [c["iteration"] for c in curve] == [0, 2, 4]
+    assert curve[0]["loss"] is None and all(c["loss"] > 0 for c in curve[1:])
+    for split in ("training", "validation"):
+        first, last = curve[0][split], curve[-1][split]
+        assert first["predicted_tumour_voxels"] > 0
+        assert last["auroc_probability"] == first["auroc_probability"]  # the segmentation is frozen
+        assert last["predicted_tumour_voxels"] == first["predicted_tumour_voxels"]
+        assert last["mean_head"] != first["mean_head"]  # the head is not

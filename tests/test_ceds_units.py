@@ -391,6 +391,52 @@ def test_phase_updates(trainer_mod, losses, networks, iteration, phase):
         assert moved(teacher.segmentation_parameters(), net.segmentation_parameters())  # averaged
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_confidence_reset_at_each_window_start(trainer_mod, losses, networks, enabled):
+    """``ConfidenceResetHandler`` re-initialises the student's confidence branch (weights and batch-norm statistics)
+    and drops its momentum at the first iteration of each re-training window only, leaving the segmentation and its
+    optimiser state alone; disabled, it does nothing."""
+    from ignite.engine import Events
+
+    # 6 iterations: warm-up (1), window (2), semi (3), window (4, 5), semi (6)
+    trainer, net = _make_trainer(trainer_mod, losses, networks, max_epochs=6, warmup=1 / 6,
+                                 confidence_interval=3 / 6, confidence_length=2 / 6, decollate=False)
+    handler = trainer_mod.ConfidenceResetHandler(trainer.schedule, enabled=enabled)
+    starts = [handler.window_starts(_progress(n, 6)) for n in range(1, 7)]
+    assert starts == [False, True, False, True, False, False]
+    handler.attach(trainer)
+    norm = net.confidence_out.conv_block.adn.N
+    ended, started = {}, {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _end(engine):
+        ended[engine.state.iteration] = ([p.clone() for p in net.confidence_parameters()],
+                                         [p.clone() for p in net.segmentation_parameters()])
+
+    @trainer.on(Events.ITERATION_STARTED)  # after the handler, attached first
+    def _start(engine):
+        i = engine.state.iteration
+        optimizer = engine.optimizer
+        started[i] = ([p.clone() for p in net.confidence_parameters()],
+                      [p.clone() for p in net.segmentation_parameters()],
+                      sum(p in optimizer.state for p in net.confidence_parameters()),
+                      sum(p in optimizer.state for p in net.segmentation_parameters()),
+                      norm.running_mean.clone(), norm.running_var.clone())
+
+    trainer.run()
+    for i in range(2, 7):
+        confidence, segmentation, confidence_state, segmentation_state, mean, var = started[i]
+        reset = enabled and starts[i - 1]
+        assert all(torch.equal(a, b) for a, b in zip(segmentation, ended[i - 1][1]))
+        assert any(not torch.equal(a, b) for a, b in zip(confidence, ended[i - 1][0])) == reset
+        assert segmentation_state > 0
+        if reset:  # as at construction: no momentum, batch-norm statistics 0 / 1
+            assert confidence_state == 0
+            assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(var, torch.ones_like(var))
+        elif i > 2:  # trained in the warm-up and the first window: momentum kept
+            assert confidence_state > 0
+
+
 @pytest.mark.parametrize("separate", [True, False])
 def test_student_sees_labelled_patches_as_in_supervised_training(trainer_mod, losses, networks, separate):
     """After the warm-up the student's labelled pass is the supervised one (clean input, batch statistics and running

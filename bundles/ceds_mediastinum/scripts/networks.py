@@ -239,6 +239,14 @@ class CEDSNet(nn.Module):
         """Parameters of the confidence branch (decoder 2, CBAM, confidence output), optimised on their own."""
         return [p for m in (self.confidence_decoder, self.cbam, self.confidence_out) for p in m.parameters()]
 
+    def reset_confidence_branch(self) -> None:
+        """Re-initialise the confidence branch (decoder 2, CBAM, confidence output): weights, biases and batch-norm
+        statistics as at construction, so that a re-training starts from the current segmentation alone."""
+        for branch in (self.confidence_decoder, self.cbam, self.confidence_out):
+            for module in branch.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
     def segmentation_parameters(self) -> list[nn.Parameter]:
         """Parameters of the encoder and the segmentation decoder."""
         return [p for m in (self.encoder, self.seg_decoder) for p in m.parameters()]

@@ -22,7 +22,8 @@ of epochs, so the phases do not move with the length of an epoch (label ratio, `
 - ``confidence`` (periodic windows after the warm-up; ``"ceds"`` mode only): the ``semi`` step, plus the
   class-balanced confidence loss on the labelled patches, so that the confidence branch is re-trained on the
   current segmentation while the segmentation training goes on: every method gets the same number of
-  segmentation updates, and no iteration trains the confidence branch alone. The teacher's confidence branch is
+  segmentation updates, and no iteration trains the confidence branch alone. With ``confidence_reset``, each
+  window starts from a re-initialised branch (:class:`ConfidenceResetHandler`). The teacher's confidence branch is
   the student's, copied rather than averaged (``EMAUpdateHandler(copied=...)``), so a re-trained branch masks the
   consistency at once.
 
@@ -38,13 +39,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from ignite.engine import Events
 from torch.optim.swa_utils import AveragedModel
 
-from .mean_teacher import UnlabeledStream
+from .mean_teacher import UnlabeledStream, unwrap
 from .semi_supervised import RunProgress, SemiSupervisedTrainer, frozen_norm_statistics
 
-__all__ = ["MODES", "CEDSSchedule", "CEDSTrainer", "add_clipped_noise", "cosine_lr_lambda"]
+__all__ = ["MODES", "CEDSSchedule", "CEDSTrainer", "ConfidenceResetHandler", "add_clipped_noise", "cosine_lr_lambda"]
 
 MODES = ("ceds", "mean_teacher", "supervised")
 
@@ -245,3 +248,62 @@ class CEDSTrainer(SemiSupervisedTrainer):
         both = torch.cat([inputs, unlabelled["image"]])
         seg, confidence = self.inferer(add_clipped_noise(both, *self.student_noise), self.network)
         return (seg[:n], confidence[:n]), (seg[n:], confidence[n:])
+
+
+class ConfidenceResetHandler:
+    """Re-initialises the student's confidence branch at the first iteration of every re-training window.
+
+    Trained from the warm-up on, the confidence branch can settle (on the warm-up's poor segmentation) in a state
+    where it gives predicted tumour an almost constant P(correct), ranking wrong voxels above right ones, which
+    further training does not move; a fresh branch trained on the current segmentation with
+    ``ConfidenceCELoss(balance="predicted_class")`` ranks them as well as the network's own probability within
+    about 100 iterations (``docs/benchmarks.md``, "Confidence mask (CEDS)"). At the
+    first ``"confidence"`` iteration of each window (:meth:`CEDSSchedule.phase`; not again when a run resumes
+    inside a window) the handler calls :meth:`scripts.networks.CEDSNet.reset_confidence_branch` and drops the
+    optimiser's state (momentum) of the branch's parameters; with ``torch.distributed`` initialised, rank 0's fresh
+    branch is broadcast to every rank. The EMA teacher copies the branch after each step
+    (``EMAUpdateHandler(copied=...)``).
+
+    Args:
+        schedule: the run's :class:`CEDSSchedule`.
+        enabled: whether to reset (``False``: the branch keeps training from its warm-up state, as the authors).
+        network: the student (possibly DDP-wrapped); default: the engine's ``network``.
+        optimizer: the optimiser holding the branch's parameters; default: the engine's ``optimizer``.
+    """
+
+    def __init__(
+        self,
+        schedule: CEDSSchedule,
+        enabled: bool = True,
+        network: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.enabled = enabled
+        self.network = network
+        self.optimizer = optimizer
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def window_starts(self, progress: RunProgress) -> bool:
+        """Whether ``progress``'s iteration is the first of a re-training window."""
+        if self.schedule.phase(progress) != "confidence":
+            return False
+        previous = RunProgress(progress.iteration - 1, progress.total)
+        return progress.iteration == 1 or self.schedule.phase(previous) != "confidence"
+
+    def __call__(self, engine: Any) -> None:
+        # ITERATION_STARTED: the state's iteration counter is already that of the coming iteration
+        if not self.enabled or not self.window_starts(RunProgress.of(engine)):
+            return
+        student = unwrap(self.network if self.network is not None else engine.network)
+        student.reset_confidence_branch()
+        branch = [student.confidence_decoder, student.cbam, student.confidence_out]
+        if dist.is_available() and dist.is_initialized():
+            for module in branch:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor.data, src=0)
+        optimizer = self.optimizer if self.optimizer is not None else engine.optimizer
+        for parameter in student.confidence_parameters():
+            optimizer.state.pop(parameter, None)

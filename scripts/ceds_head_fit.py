@@ -8,14 +8,16 @@ student, freezes the encoder and the segmentation decoder, optionally re-initial
 ``RandCropByPosNegLabeld`` with the config's ``roi_size``, ``pos_samples``, ``neg_samples`` and ``num_samples``, two
 volumes per batch), the network in training mode as in training. Before the first step and every ``every`` steps it
 scores the branch on fixed patches of the training and validation volumes, drawn as the unlabelled stream draws them
-(no label-guided sampling), with dropout off: AUROC within predicted tumour of the head's P(correct) and, the reference, of the
-network's own top softmax probability (which stays the same: the segmentation is frozen), and the head's mean
-P(correct) over the right and over the wrong voxels of predicted tumour.
+(no label-guided sampling), with dropout off: AUROC within predicted tumour of the head's P(correct) and, the
+reference, of the network's own top softmax probability (which stays the same: the segmentation is frozen), the
+head's mean P(correct) over the right and over the wrong voxels of predicted tumour, and the median pre-activation of
+the two hidden units of the head's output transition in predicted tumour and background, with the ELU's slope there
+(a unit far below 0 outputs about -1 whatever its input and passes back almost no gradient).
 
 Usage (data of the benchmark's ``cpu`` profile):
     python scripts/ceds_head_fit.py --checkpoint <models/checkpoint.pt> \
         --datalist outputs/benchmarks/cpu/data/ceds_mediastinum/datalist_10.json [--fresh] \
-        [--balance predicted_class] [--optimizer sgd] [--iterations 300] [--out fit.json]
+        [--balance predicted_class] [--optimizer sgd] [--learning_rate 0.01] [--iterations 300] [--out fit.json]
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ BUNDLE = REPO / "bundles" / "ceds_mediastinum"
 
 
 def _scores(net: torch.nn.Module, patches: list[tuple[torch.Tensor, torch.Tensor]], frozen_norms: object) -> dict:
-    """AUROC (head, probability) and the head's mean P(correct) (right, wrong) within predicted tumour, the network
-    in training mode (batch statistics) but with dropout off, so that a frozen segmentation scores the same each
-    time; ``frozen_norms`` is :func:`scripts.semi_supervised.frozen_norm_statistics`."""
+    """AUROC (head, probability) and the head's mean P(correct) (right, wrong) within predicted tumour, and the
+    median pre-activation of each hidden unit of the head's output transition (``confidence_out``: convolution and
+    batch norm, then ELU) in predicted tumour and in predicted background. The network is in training mode (batch
+    statistics) with dropout off, so that a frozen segmentation scores the same each time; ``frozen_norms`` is
+    :func:`scripts.semi_supervised.frozen_norm_statistics`."""
     hist = {s: {"correct": np.zeros(BINS, np.int64), "wrong": np.zeros(BINS, np.int64)} for s in ("head", "prob")}
     sums = {"right": [0.0, 0], "wrong": [0.0, 0]}
+    hidden: dict[str, list[torch.Tensor]] = {"tumour": [], "background": []}
+    captured = {}
+    # the ELU after it works in place: keep a copy of the batch-normalised convolution's output
+    hook = net.confidence_out.conv_block.register_forward_hook(
+        lambda module, args, output: captured.__setitem__("z", output.detach().clone()))
     dropouts = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
     for m in dropouts:
         m.eval()
@@ -48,6 +57,9 @@ def _scores(net: torch.nn.Module, patches: list[tuple[torch.Tensor, torch.Tensor
             seg, confidence = net.forward_with_confidence(image)
             predicted = seg.argmax(1, keepdim=True) == 1
             right, wrong = predicted & (label > 0.5), predicted & (label <= 0.5)
+            units = captured["z"].transpose(0, 1)  # [units, B, *spatial]
+            hidden["tumour"].append(units[:, predicted[:, 0]])
+            hidden["background"].append(units[:, ~predicted[:, 0]])
             head = torch.softmax(confidence, 1)[:, 1:2]
             for name, value in (("head", head), ("prob", torch.softmax(seg, 1).amax(1, keepdim=True))):
                 bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
@@ -58,16 +70,23 @@ def _scores(net: torch.nn.Module, patches: list[tuple[torch.Tensor, torch.Tensor
                 sums[key][1] += int(voxels.sum())
     for m in dropouts:
         m.train()
+    hook.remove()
+    medians = {where: torch.cat(z, 1).median(1).values.tolist() if sum(t.shape[1] for t in z) else None
+               for where, z in hidden.items()}
     return {
         "auroc_head": _auroc(**hist["head"]),
         "auroc_probability": _auroc(**hist["prob"]),
         "mean_head": {k: s / n if n else None for k, (s, n) in sums.items()},
         "predicted_tumour_voxels": sums["right"][1] + sums["wrong"][1],
+        "hidden_median": medians,
+        "elu_slope_at_median": {where: [min(1.0, float(np.exp(v))) for v in m] if m else None
+                                for where, m in medians.items()},
     }
 
 
 def main(checkpoint: str, datalist: str, fresh: bool = False, balance: str = "predicted_class",
-         optimizer: str = "sgd", iterations: int = 300, every: int = 100, eval_batches: int = 10, seed: int = 0,
+         optimizer: str = "sgd", learning_rate: float | None = None, iterations: int = 300, every: int = 100,
+         eval_batches: int = 10, seed: int = 0,
          overlay: str | None = "configs/cpu_demo.json", weights: str = "model", out: str | None = None) -> None:
     """Train the confidence branch of ``checkpoint`` alone and print its scores along the way.
 
@@ -77,8 +96,8 @@ def main(checkpoint: str, datalist: str, fresh: bool = False, balance: str = "pr
             the held-out ones).
         fresh: re-initialise the confidence branch first (``False``: go on from the checkpoint's branch).
         balance: ``ConfidenceCELoss`` balance, ``"batch"`` (the authors) or ``"predicted_class"``.
-        optimizer: ``"sgd"`` (the config's learning rate, momentum and weight decay, constant) or ``"adam"``
-            (learning rate 1e-3).
+        optimizer: ``"sgd"`` (the config's momentum and weight decay) or ``"adam"``.
+        learning_rate: the (constant) learning rate; default: the config's ``learning_rate`` for SGD, 1e-3 for Adam.
         iterations: training steps.
         every: score every ``every`` steps (and before the first).
         eval_batches: batches of fixed patches scored per split (two volumes, ``num_samples`` patches each).
@@ -113,11 +132,11 @@ def main(checkpoint: str, datalist: str, fresh: bool = False, balance: str = "pr
         parameter.requires_grad_(False)
     params = net.confidence_parameters()
     if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=parser.get_parsed_content("learning_rate"),
+        opt = torch.optim.SGD(params, lr=learning_rate or parser.get_parsed_content("learning_rate"),
                               momentum=parser.get_parsed_content("momentum"),
                               weight_decay=parser.get_parsed_content("weight_decay"))
     elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=1e-3)
+        opt = torch.optim.Adam(params, lr=learning_rate or 1e-3)
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
     loss_function = losses.ConfidenceCELoss(balance)
@@ -159,7 +178,8 @@ def main(checkpoint: str, datalist: str, fresh: bool = False, balance: str = "pr
         recent.append(float(loss.detach()))
 
     result = {"checkpoint": checkpoint, "weights": weights, "datalist": datalist, "fresh": fresh, "balance": balance,
-              "optimizer": optimizer, "iterations": iterations, "seed": seed, "curve": curve}
+              "optimizer": optimizer, "learning_rate": learning_rate, "iterations": iterations, "seed": seed,
+              "curve": curve}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1))

@@ -88,3 +88,5 @@ def test_head_fit_trains_the_confidence_branch_alone(tmp_path, ct_data):
         assert last["auroc_probability"] == first["auroc_probability"]  # the segmentation is frozen
         assert last["predicted_tumour_voxels"] == first["predicted_tumour_voxels"]
         assert last["mean_head"] != first["mean_head"]  # the head is not
+        assert len(first["hidden_median"]["tumour"]) == 2  # the output transition's two hidden units
+        assert all(0.0 < slope <= 1.0 for slope in first["elu_slope_at_median"]["tumour"])

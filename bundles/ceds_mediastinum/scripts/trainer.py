@@ -256,8 +256,10 @@ class ConfidenceResetHandler:
     Trained from the warm-up on, the confidence branch can settle (on the warm-up's poor segmentation) in a state
     where it gives predicted tumour an almost constant P(correct), ranking wrong voxels above right ones, which
     further training does not move; a fresh branch trained on the current segmentation with
-    ``ConfidenceCELoss(balance="predicted_class")`` ranks them as well as the network's own probability within
-    about 100 iterations (``docs/benchmarks.md``, "Confidence mask (CEDS)"). At the
+    ``ConfidenceCELoss(balance="predicted_class")`` ranks them on its training volumes about as well as the
+    network's own probability within about 100 iterations (``docs/benchmarks.md``, "Confidence mask (CEDS)"; in the
+    runs measured that took re-training in every iteration after the warm-up, ``confidence_length`` equal to
+    ``confidence_interval``, rather than short windows). At the
     first ``"confidence"`` iteration of each window (:meth:`CEDSSchedule.phase`; not again when a run resumes
     inside a window) the handler calls :meth:`scripts.networks.CEDSNet.reset_confidence_branch` and drops the
     optimiser's state (momentum) of the branch's parameters; with ``torch.distributed`` initialised, rank 0's fresh

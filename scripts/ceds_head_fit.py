@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bundle_imports import bundle_module, use_bundle
-from ceds_mask_audit import BINS, _auroc
+from ceds_mask_audit import BINS, histogram_auroc, load_network
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ceds_mediastinum"
@@ -74,8 +74,8 @@ def _scores(net: torch.nn.Module, patches: list[tuple[torch.Tensor, torch.Tensor
     medians = {where: torch.cat(z, 1).median(1).values.tolist() if sum(t.shape[1] for t in z) else None
                for where, z in hidden.items()}
     return {
-        "auroc_head": _auroc(**hist["head"]),
-        "auroc_probability": _auroc(**hist["prob"]),
+        "auroc_head": histogram_auroc(**hist["head"]),
+        "auroc_probability": histogram_auroc(**hist["prob"]),
         "mean_head": {k: s / n if n else None for k, (s, n) in sums.items()},
         "predicted_tumour_voxels": sums["right"][1] + sums["wrong"][1],
         "hidden_median": medians,
@@ -110,7 +110,6 @@ def main(checkpoint: str, datalist: str, fresh: bool = False, balance: str = "pr
     ``iteration``, ``loss`` (mean over the steps since the last scoring) and the scores of ``training`` and
     ``validation`` (see the module docstring).
     """
-    from monai.bundle import ConfigParser
     from monai.transforms import Compose, RandCropByPosNegLabeld, RandSpatialCropSamplesd
     from monai.utils import set_determinism
 
@@ -118,12 +117,7 @@ def main(checkpoint: str, datalist: str, fresh: bool = False, balance: str = "pr
     load_datalist = bundle_module(BUNDLE, "datalist").load_datalist
     losses = bundle_module(BUNDLE, "losses")
     frozen_norms = bundle_module(BUNDLE, "semi_supervised").frozen_norm_statistics
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "train.json"), *([str(BUNDLE / overlay)] if overlay else [])])
-    parser["bundle_root"] = str(BUNDLE)
-    net = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)[weights]
-    net.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+    parser, net = load_network(checkpoint, weights, overlay)
     set_determinism(seed)
     if fresh:
         net.reset_confidence_branch()

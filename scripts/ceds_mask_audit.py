@@ -40,13 +40,35 @@ BUNDLE = REPO / "bundles" / "ceds_mediastinum"
 BINS = 1000
 
 
-def _auroc(correct: np.ndarray, wrong: np.ndarray) -> float | None:
+def histogram_auroc(correct: np.ndarray, wrong: np.ndarray) -> float | None:
     """AUROC of a score from its histograms over ``BINS`` equal bins of [0, 1] (ties within a bin count half)."""
     n_correct, n_wrong = correct.sum(), wrong.sum()
     if n_correct == 0 or n_wrong == 0:
         return None
     wrong_below = np.cumsum(wrong) - wrong
     return float(((wrong_below + 0.5 * wrong) * correct).sum() / (n_correct * n_wrong))
+
+
+def load_network(checkpoint: str, weights: str = "ema", overlay: str | None = "configs/cpu_demo.json",
+                 train: dict | None = None) -> tuple[object, torch.nn.Module]:
+    """The bundle's training config (``train.json``, ``overlay``, then ``train`` overrides) and its ``network_def``
+    with the weights of ``checkpoint[weights]`` (``"ema"``: the teacher, an ``AveragedModel`` state; ``"model"``:
+    the student).
+
+    Returns:
+        ``(parser, network)``: the ``monai.bundle.ConfigParser`` and the network, in training mode.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), *([str(BUNDLE / overlay)] if overlay else [])])
+    parser["bundle_root"] = str(BUNDLE)
+    for key, value in (train or {}).items():
+        parser[key] = value
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)[weights]
+    network.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+    return parser, network
 
 
 def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", batches: int = 100, seed: int = 0,
@@ -72,7 +94,6 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
 
     Prints (and writes to ``out``) the counts and rates listed in the module docstring.
     """
-    from monai.bundle import ConfigParser
     from monai.transforms import Compose, RandSpatialCropSamplesd
     from monai.utils import set_determinism
 
@@ -80,14 +101,7 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
     load_datalist = bundle_module(BUNDLE, "datalist").load_datalist
     add_clipped_noise = bundle_module(BUNDLE, "trainer").add_clipped_noise
 
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "train.json"), *([str(BUNDLE / overlay)] if overlay else [])])
-    parser["bundle_root"] = str(BUNDLE)
-    for key, value in (train or {}).items():
-        parser[key] = value
-    teacher = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)[weights]
-    teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+    parser, teacher = load_network(checkpoint, weights, overlay, train)
     train_mode = parser.get_parsed_content("teacher_train_mode") if teacher_train_mode is None else teacher_train_mode
     teacher.train(bool(train_mode))
     consistency = parser.get_parsed_content("consistency_loss")
@@ -139,7 +153,7 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
             bins = (value.clamp(0, 1 - 1e-7) * BINS).long()
             for i in range(bins.shape[0]):
                 right, wrong = predicted[i] & truth[i], predicted[i] & ~truth[i]
-                auroc = _auroc(np.bincount(bins[i][right].numpy(), minlength=BINS),
+                auroc = histogram_auroc(np.bincount(bins[i][right].numpy(), minlength=BINS),
                                np.bincount(bins[i][wrong].numpy(), minlength=BINS))
                 if auroc is not None:
                     within_patch[score].append(auroc)
@@ -154,8 +168,8 @@ def main(checkpoint: str, datalist: str, labels: str, split: str = "unlabeled", 
         "tumour_recall": rate(t["tumour"], t["tumour"] + b["tumour"]),
         "tumour_kept_as_background": rate(b["kept_tumour"], t["tumour"] + b["tumour"]),
         "kept_share": {c: rate(counts[c]["kept"], counts[c]["voxels"]) for c in counts},
-        "confidence_auroc": {c: _auroc(**hist["confidence", c]) for c in counts},
-        "probability_auroc": {c: _auroc(**hist["probability", c]) for c in counts},
+        "confidence_auroc": {c: histogram_auroc(**hist["confidence", c]) for c in counts},
+        "probability_auroc": {c: histogram_auroc(**hist["probability", c]) for c in counts},
         "mean_score": {score: {c: {r: rate(*sums[score, c, r]) for r in ("right", "wrong")} for c in counts}
                        for score in ("confidence", "probability")},
         "tumour_auroc_within_patch": {score: float(np.median(v)) if v else None for score, v in within_patch.items()},

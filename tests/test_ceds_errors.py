@@ -57,12 +57,13 @@ def test_mask_audit_of_an_all_tumour_teacher(tmp_path, ct_data):
 
 
 def test_auroc_of_histograms():
-    from ceds_mask_audit import BINS, _auroc
+    from ceds_mask_audit import BINS, histogram_auroc
 
     low, high = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     low[10], high[900] = 5, 7
-    assert _auroc(high, low) == 1.0 and _auroc(low, high) == 0.0  # correct voxels scored above / below wrong ones
-    assert _auroc(high, high) == 0.5 and _auroc(high, np.zeros(BINS, np.int64)) is None
+    # correct voxels scored above / below wrong ones
+    assert histogram_auroc(high, low) == 1.0 and histogram_auroc(low, high) == 0.0
+    assert histogram_auroc(high, high) == 0.5 and histogram_auroc(high, np.zeros(BINS, np.int64)) is None
 
 
 def test_head_fit_trains_the_confidence_branch_alone(tmp_path, ct_data):

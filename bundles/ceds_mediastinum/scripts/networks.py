@@ -235,14 +235,18 @@ class CEDSNet(nn.Module):
         self.detach_confidence_input = detach_confidence_input
         self.return_confidence = return_confidence
 
+    def confidence_branch(self) -> tuple[nn.Module, ...]:
+        """The modules of the confidence branch: decoder 2, the CBAM block and the confidence output."""
+        return self.confidence_decoder, self.cbam, self.confidence_out
+
     def confidence_parameters(self) -> list[nn.Parameter]:
         """Parameters of the confidence branch (decoder 2, CBAM, confidence output), optimised on their own."""
-        return [p for m in (self.confidence_decoder, self.cbam, self.confidence_out) for p in m.parameters()]
+        return [p for m in self.confidence_branch() for p in m.parameters()]
 
     def reset_confidence_branch(self) -> None:
         """Re-initialise the confidence branch (decoder 2, CBAM, confidence output): weights, biases and batch-norm
         statistics as at construction, so that a re-training starts from the current segmentation alone."""
-        for branch in (self.confidence_decoder, self.cbam, self.confidence_out):
+        for branch in self.confidence_branch():
             for module in branch.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()

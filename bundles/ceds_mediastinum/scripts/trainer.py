@@ -301,9 +301,8 @@ class ConfidenceResetHandler:
             return
         student = unwrap(self.network if self.network is not None else engine.network)
         student.reset_confidence_branch()
-        branch = [student.confidence_decoder, student.cbam, student.confidence_out]
         if dist.is_available() and dist.is_initialized():
-            for module in branch:
+            for module in student.confidence_branch():
                 for tensor in [*module.parameters(), *module.buffers()]:
                     dist.broadcast(tensor.data, src=0)
         optimizer = self.optimizer if self.optimizer is not None else engine.optimizer

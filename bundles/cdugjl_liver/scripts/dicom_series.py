@@ -70,7 +70,7 @@ def check_series(folder: str | os.PathLike, modality: str | None = None) -> dict
         ``{"series_uid", "description", "modality", "slices", "orientation" (6 direction cosines),
         "pixel_spacing" (between rows, between columns), "size" (rows, columns), "positions" (``[N, 3]`` slice
         origins in instance-number order, the order a reader stacks them), "spacing" (mm), "files" (in the same
-        order)}``.
+        order), "headers" (their pydicom headers without pixel data, in the same order)}``.
 
     Raises:
         DicomSeriesError: ``"<folder> (<series>): <problem>"``: no DICOM file, several series, another or mixed
@@ -133,7 +133,8 @@ def check_series(folder: str | os.PathLike, modality: str | None = None) -> dict
             "slices": len(headers), "orientation": orientation.tolist(),
             "pixel_spacing": [float(v) for v in headers[0].PixelSpacing],
             "size": [int(headers[0].Rows), int(headers[0].Columns)], "positions": positions[stacked].tolist(),
-            "spacing": spacing, "files": [str(headers[i].filename) for i in stacked]}
+            "spacing": spacing, "files": [str(headers[i].filename) for i in stacked],
+            "headers": [headers[i] for i in stacked]}
 
 
 class DicomSeriesCheckd(MapTransform):

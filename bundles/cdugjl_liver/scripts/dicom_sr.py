@@ -73,12 +73,11 @@ class SaveQuantificationSRd(MapTransform):
             the file written.
         """
         import highdicom as hd
-        import pydicom
         from pydicom.sr.codedict import codes
 
         name = case_name(str(folder), self.modality_suffixes)
         report = json.loads((self.output_dir / name / f"{name}_{self.report_postfix}.json").read_text())
-        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in check_series(folder)["files"]]
+        sources = check_series(folder)["headers"]
         frame_of_reference = sources[0].FrameOfReferenceUID
         groups = []
         for entry in report["slices"]:

@@ -89,11 +89,9 @@ class SaveDicomSegd(MapTransform):
             the files written.
         """
         import highdicom as hd
-        import pydicom
         from pydicom.sr.codedict import codes
 
-        files = check_series(folder)["files"]
-        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        sources = check_series(folder)["headers"]
         for source in sources:  # type 2 attributes (present, may be empty) that highdicom copies from the source
             for keyword in TYPE_2_COPIED:
                 if keyword not in source:

@@ -174,7 +174,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             terms = engine.loss_function(outputs, targets, unlabelled_outputs, teacher, progress)
             engine.state.output.update(terms)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            engine.state.output.update({k: float(v) for k, v in terms.items() if k != Keys.LOSS})
+            engine.state.output.update({k: torch.as_tensor(v).item() for k, v in terms.items() if k != Keys.LOSS})
 
         # gradient accumulation and mixed precision as in SupervisedTrainer
         acc = engine.accumulation_steps

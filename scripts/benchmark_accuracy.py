@@ -94,6 +94,11 @@ ABLATIONS = {
     },
 }
 ABLATION_RATIO = 10
+# profile training keys that a method never reads: changing one leaves that method's results current (CEDS's
+# supervised and mean-teacher modes have no confidence re-training windows; scripts.trainer.CEDSSchedule)
+UNREAD_TRAIN_KEYS = {
+    "ceds_mediastinum": {m: ("confidence_interval", "confidence_length") for m in ("supervised", "mean_teacher")},
+}
 
 
 @dataclass(frozen=True)
@@ -280,10 +285,22 @@ class Benchmark:
         profile = self.profiles[bundle]
         return {**json.loads(json.dumps(asdict(profile))), "phantom": phantom_arguments(bundle, profile.data)}
 
+    def current(self, record: dict) -> bool:
+        """Whether a result ``record`` was made with the current profile settings, leaving out the training keys
+        its method never reads (:data:`UNREAD_TRAIN_KEYS`)."""
+        unread = UNREAD_TRAIN_KEYS.get(record["bundle"], {}).get(record["method"], ())
+
+        def read(settings: dict | None) -> dict | None:
+            if not isinstance(settings, dict):
+                return settings
+            return {**settings, "train": {k: v for k, v in settings.get("train", {}).items() if k not in unread}}
+
+        return read(record.get("profile_settings")) == read(self.settings(record["bundle"]))
+
     def finished(self, run: Run) -> bool:
         """Whether ``run`` has a result made with the current profile settings (a changed profile reruns it)."""
         path = self.result_path(run)
-        return path.exists() and json.loads(path.read_text()).get("profile_settings") == self.settings(run.bundle)
+        return path.exists() and self.current(json.loads(path.read_text()))
 
     def data_dir(self, bundle: str) -> Path:
         """Generate the bundle's phantom dataset and its 10/20/100 % datalists, again when the phantom arguments or

@@ -53,14 +53,14 @@ REPORT_COMMAND = "python scripts/benchmark_report.py report --profile {profile}"
 
 
 def load_runs(profile: str, results: Path = RESULTS) -> list[dict]:
-    """Every finished accuracy/ablation run of ``profile`` made with the profile's current settings (a run made
-    with other settings is stale: ``benchmark_accuracy.py run`` redoes it, and it is never mixed into a table);
-    metric names of older bundle versions are read under their current names (:data:`LEGACY_METRIC_NAMES`)."""
+    """Every finished accuracy/ablation run of ``profile`` made with the profile's current settings
+    (``Benchmark.current``: a run made with other settings is stale: ``benchmark_accuracy.py run`` redoes it, and
+    it is never mixed into a table); metric names of older bundle versions are read under their current names (:data:`LEGACY_METRIC_NAMES`)."""
     bench = ba.Benchmark(profile, results / "accuracy", ba.WORK_DIR, 1)
     runs = [json.loads(p.read_text()) for p in sorted((results / "accuracy" / profile).glob("*/*/*.json"))]
     for r in runs:
         r["metrics"] = {LEGACY_METRIC_NAMES.get(k, k): v for k, v in r["metrics"].items()}
-    return [r for r in runs if r.get("profile_settings") == bench.settings(r["bundle"])]
+    return [r for r in runs if bench.current(r)]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -158,3 +158,16 @@ def test_trial_changes_the_phantom_and_never_reads_the_test_split(tmp_path):
     assert teacher.stat().st_mtime_ns == teacher_stamp
     kl_zero = json.loads((folder / "cdugjl_liver" / "kl_zero" / "r100_cdugjl_s0.json").read_text())
     assert kl_zero["overrides"]["distill_kl_weight"] == 0.0
+
+
+def test_a_profile_key_a_method_never_reads_leaves_its_results_current():
+    bench = benchmark_accuracy.Benchmark("cpu", REPO / "unused", REPO / "unused", 1)
+    settings = bench.settings("ceds_mediastinum")
+    moved = {**settings, "train": {**settings["train"], "confidence_length": 0.5}}
+    for method, current in (("supervised", True), ("mean_teacher", True), ("ceds", False)):
+        record = {"bundle": "ceds_mediastinum", "method": method, "profile_settings": moved}
+        assert bench.current(record) is current
+        assert bench.current({**record, "profile_settings": settings})
+    # a key every method reads makes every result stale
+    longer = {**settings, "train": {**settings["train"], "epochs": 81}}
+    assert not bench.current({"bundle": "ceds_mediastinum", "method": "supervised", "profile_settings": longer})

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from conftest import BUNDLES, bundle_module
 
@@ -261,3 +263,14 @@ def test_both_bundles_name_the_same_concepts_alike():
                   "modality_suffixes", "output_postfix", "sw_batch_size", "num_workers")
         assert not [k for k in shared if k not in inference], bundle
         assert inference["output_postfix"] == "seg", bundle
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("config", ("train.json", "inference.json"))
+def test_data_loader_workers_fit_the_machine(bundle, config):
+    # PyTorch warns when a DataLoader asks for more workers than the machine has cores; one core stays with the
+    # main process
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / bundle / "configs" / config)
+    workers = parser.get_parsed_content("num_workers")
+    assert workers == 0 or 0 < workers <= (os.cpu_count() or 1) - 1

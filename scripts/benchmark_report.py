@@ -6,6 +6,8 @@ Reads the per-run JSON files of ``benchmark_accuracy.py`` and ``benchmark_speed.
 ``docs/benchmarks.md`` (between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``) with its table, as well as the
 accuracy table of each bundle's model card (``bundles/<bundle>/docs/README.md``, found relative to the document).
 
+``trials`` compares runs by their validation curves (how a setting is chosen without the test split).
+
 ``figure`` runs each bundle's ``inference.json`` with the final checkpoint of its own method (10 % labels,
 seed 0) on test cases and draws ``docs/benchmarks/test_cases_<profile>.png``: image, ground truth, prediction and
 uncertainty (liver) or confidence (CEDS) through the slice with the most tumour.
@@ -13,6 +15,8 @@ uncertainty (liver) or confidence (CEDS) through the slice with the most tumour.
 Usage:
     python scripts/benchmark_report.py report [--profile cpu]
     python scripts/benchmark_report.py figure [--profile cpu] [--n_cases 3]
+    python scripts/benchmark_report.py trials --runs "{'a': 'docs/.../a_s{seed}.json', 'b': ...}" \
+        --seeds "[0,1,2,3,4]" --pairs "[['a','b']]"
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ REPORT_COMMAND = "python scripts/benchmark_report.py report --profile {profile}"
 def load_runs(profile: str, results: Path = RESULTS) -> list[dict]:
     """Every finished accuracy/ablation run of ``profile`` made with the profile's current settings
     (``Benchmark.current``: a run made with other settings is stale: ``benchmark_accuracy.py run`` redoes it, and
-    it is never mixed into a table); metric names of older bundle versions are read under their current names (:data:`LEGACY_METRIC_NAMES`)."""
+    it is never mixed into a table); metric names of older bundle versions are read under their current names
+    (:data:`LEGACY_METRIC_NAMES`)."""
     bench = ba.Benchmark(profile, results / "accuracy", ba.WORK_DIR, 1)
     runs = [json.loads(p.read_text()) for p in sorted((results / "accuracy" / profile).glob("*/*/*.json"))]
     for r in runs:
@@ -136,6 +141,19 @@ def gap_table(rows: list[dict], bundle: str) -> str:
     return "\n".join(lines)
 
 
+def t_interval(differences: np.ndarray) -> tuple[float, float, float]:
+    """Mean and two-sided 95 % Student-t interval ``(mean, low, high)`` of paired differences (NaN bounds below
+    two)."""
+    from scipy import stats
+
+    mean, low, high = float(np.mean(differences)), float("nan"), float("nan")
+    if len(differences) > 1:
+        half = float(stats.t.ppf(0.975, len(differences) - 1) * np.std(differences, ddof=1)
+                     / math.sqrt(len(differences)))
+        low, high = mean - half, mean + half
+    return mean, low, high
+
+
 def paired_differences(runs: list[dict], bundle: str) -> list[dict]:
     """Per-seed paired Dice differences of the accuracy suite: each semi-supervised method against supervised
     training, and the bundle's own method against the plain mean teacher, at 10 % and 20 % labels.
@@ -145,8 +163,6 @@ def paired_differences(runs: list[dict], bundle: str) -> list[dict]:
     ``ratio``, ``comparison`` (``"a - b"``), ``seeds``, ``differences`` (per seed), ``mean`` and the two-sided 95 %
     Student-t interval ``low`` / ``high`` (NaN below two seeds), and ``excludes_zero``.
     """
-    from scipy import stats
-
     dice = {(r["ratio"], r["method"], r["seed"]): r["metrics"].get(METRICS[bundle]["Dice"], float("nan"))
             for r in runs if r["bundle"] == bundle and r["suite"] == "accuracy"}
     own = OWN_METHOD[bundle]
@@ -157,10 +173,7 @@ def paired_differences(runs: list[dict], bundle: str) -> list[dict]:
             if not seeds:
                 continue
             diffs = np.array([dice[(ratio, a, s)] - dice[(ratio, b, s)] for s in seeds])
-            mean, low, high = float(diffs.mean()), float("nan"), float("nan")
-            if len(diffs) > 1:
-                half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
-                low, high = mean - half, mean + half
+            mean, low, high = t_interval(diffs)
             out.append({"ratio": ratio, "comparison": f"{a} - {b}", "seeds": seeds, "differences": diffs.tolist(),
                         "mean": mean, "low": low, "high": high,
                         "excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0))})
@@ -472,5 +485,42 @@ def figure(profile: str = "cpu", n_cases: int = 3, ratio: int = 100, seed: int =
     return path
 
 
+def trials(runs: dict[str, str], seeds: list[int], pairs: list[list[str]], last: int = 4) -> str:
+    """Compare runs on their validation curves (trials of ``benchmark_accuracy.py trial`` and benchmark runs alike):
+    the final validation Dice of every run per seed, and paired differences between runs of the same seed.
+
+    Args:
+        runs: ``{name: path pattern}``, each pattern a result file with ``{seed}`` in its name.
+        seeds: the seeds (a run missing for a seed is left out of that seed's pairs).
+        pairs: ``[[a, b], ...]``: the differences ``a - b`` to report.
+        last: the second figure of each pair averages each run's last ``last`` validations (less noise).
+
+    Returns:
+        the markdown tables.
+    """
+    curves = {}
+    for name, pattern in runs.items():
+        for seed in seeds:
+            path = REPO / pattern.format(seed=seed)
+            if path.exists():
+                curves[(name, seed)] = [v for _, v in json.loads(path.read_text())["validation"]]
+    lines = ["| seed | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for seed in seeds:
+        cells = [f"{curves[(n, seed)][-1]:.3f}" if (n, seed) in curves else "not run" for n in runs]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    means = [np.mean([curves[(n, s)][-1] for s in seeds if (n, s) in curves]) for n in runs]
+    lines += ["| mean | " + " | ".join(f"{m:.3f}" for m in means) + " |", "",
+              f"| comparison | seeds | per-seed final difference | mean (95 % interval) | mean of the last {last} "
+              "validations: difference (95 % interval) |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        common = [s for s in seeds if (a, s) in curves and (b, s) in curves]
+        final = np.array([curves[(a, s)][-1] - curves[(b, s)][-1] for s in common])
+        smooth = np.array([np.mean(curves[(a, s)][-last:]) - np.mean(curves[(b, s)][-last:]) for s in common])
+        (fm, fl, fh), (sm, sl, sh) = t_interval(final), t_interval(smooth)
+        lines.append(f"| {a} - {b} | {len(common)} | {', '.join(f'{x:+.3f}' for x in final)} | "
+                     f"{fm:+.3f} ({fl:+.3f} to {fh:+.3f}) | {sm:+.3f} ({sl:+.3f} to {sh:+.3f}) |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    fire.Fire({"report": report, "figure": figure})
+    fire.Fire({"report": report, "figure": figure, "trials": trials})

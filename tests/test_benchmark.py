@@ -171,3 +171,17 @@ def test_a_profile_key_a_method_never_reads_leaves_its_results_current():
     # a key every method reads makes every result stale
     longer = {**settings, "train": {**settings["train"], "epochs": 81}}
     assert not bench.current({"bundle": "ceds_mediastinum", "method": "supervised", "profile_settings": longer})
+
+
+def test_trials_pair_validation_curves_by_seed(tmp_path):
+    curves = {("a", 0): [0.5, 0.6, 0.7], ("a", 1): [0.5, 0.6, 0.8],
+              ("b", 0): [0.5, 0.6, 0.6], ("b", 1): [0.5, 0.7, 0.6]}
+    for (name, seed), curve in curves.items():
+        record = {"validation": [[i, v] for i, v in enumerate(curve)]}
+        (tmp_path / f"{name}_s{seed}.json").write_text(json.dumps(record))
+    table = benchmark_report.trials({n: str(tmp_path / (n + "_s{seed}.json")) for n in "ab"}, [0, 1, 2], [["a", "b"]],
+                                    last=2)
+    assert "| 2 | not run | not run |" in table and "| mean | 0.750 | 0.600 |" in table
+    # final: +0.1, +0.2 (mean +0.15); last two: (0.65 - 0.6), (0.7 - 0.65) -> +0.05, +0.05
+    row = next(line for line in table.splitlines() if line.startswith("| a - b |"))
+    assert row.startswith("| a - b | 2 | +0.100, +0.200 | +0.150 (") and "| +0.050 (+0.050 to +0.050) |" in row

@@ -239,7 +239,7 @@ def _make_trainer(trainer_mod, losses, networks, mode="ceds", unlabeled=True, ma
     teacher = mean_teacher.ema_network(net)
     handlers = [LrScheduleHandler(lr_scheduler, epoch_level=False, print_lr=False),
                 mean_teacher.EMAUpdateHandler(teacher, net, when=lambda engine: engine.updates_teacher(),
-                                              copied=["confidence_decoder", "cbam", "confidence_out"])]
+                                              copied=net.CONFIDENCE_BRANCH)]
     trainer = trainer_mod.CEDSTrainer(
         device="cpu",
         max_epochs=max_epochs,

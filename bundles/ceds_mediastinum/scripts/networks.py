@@ -199,6 +199,9 @@ class CEDSNet(nn.Module):
             ``channels[0]`` is not a multiple of ``in_channels``.
     """
 
+    # the submodules of the confidence branch (decoder 2, CBAM, confidence output)
+    CONFIDENCE_BRANCH = ("confidence_decoder", "cbam", "confidence_out")
+
     def __init__(
         self,
         spatial_dims: int = 3,
@@ -236,8 +239,9 @@ class CEDSNet(nn.Module):
         self.return_confidence = return_confidence
 
     def confidence_branch(self) -> tuple[nn.Module, ...]:
-        """The modules of the confidence branch: decoder 2, the CBAM block and the confidence output."""
-        return self.confidence_decoder, self.cbam, self.confidence_out
+        """The modules of the confidence branch (:attr:`CONFIDENCE_BRANCH`): decoder 2, the CBAM block and the
+        confidence output."""
+        return tuple(getattr(self, name) for name in self.CONFIDENCE_BRANCH)
 
     def confidence_parameters(self) -> list[nn.Parameter]:
         """Parameters of the confidence branch (decoder 2, CBAM, confidence output), optimised on their own."""

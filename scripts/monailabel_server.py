@@ -8,8 +8,10 @@ studies, ``monai``/``nibabel``/``scipy`` (present in both venvs). What ``serve``
    (``monailabel apps --download --name monaibundle``) to ``<work_dir>/apps/monaibundle`` and puts each bundle at
    ``<app>/model/<bundle name>`` (a copy without ``eval/`` and checkpoints other than ``models/model.pt``, or a
    symlink with ``--link``). MONAI Label infers the task from the folder name; both names fall back to
-   "segmentation". With ``--cpu_demo`` the bundle's ``configs/cpu_demo.json`` overlay is merged into the copy's
-   ``inference.json`` and ``train.json`` (MONAI Label reads one config file each and never merges overlays), so
+   "segmentation". The app's ``main.py`` is ``scripts/monailabel_app.py`` (the sample's becomes ``sample_main.py``):
+   the sample app whose DICOMweb datastore also stacks the sequences of one study for a multi-sequence bundle (the
+   liver bundle's T2WI and DWI). With ``--cpu_demo`` the bundle's ``configs/cpu_demo.json`` overlay is merged into
+   the copy's ``inference.json`` and ``train.json`` (MONAI Label reads one config file each and never merges overlays), so
    weights trained with the overlay (``scripts/quickstart.py``) fit the network. With ``--random_weights`` a bundle
    without ``models/model.pt`` gets a randomly initialised ``network_def`` state dict (a smoke test only).
 2. ``studies`` (when no ``--studies`` folder is given): writes tiny phantom studies: CT volumes (with labels in
@@ -178,12 +180,15 @@ def build_app(
     if link and cpu_demo:
         raise ValueError("--cpu_demo edits the bundle's configs: it needs a copy, not --link")
     app = Path(work_dir).resolve() / "apps" / "monaibundle"
-    if not (app / "main.py").exists():
-        subprocess.run(
-            [str(_venv_python(venv)), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
-             "--output", str(app.parent)],
-            env=_clean_env(venv), check=True, stdout=subprocess.DEVNULL,
-        )
+    if not (app / "sample_main.py").exists():
+        if not (app / "main.py").exists():
+            subprocess.run(
+                [str(_venv_python(venv)), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
+                 "--output", str(app.parent)],
+                env=_clean_env(venv), check=True, stdout=subprocess.DEVNULL,
+            )
+        (app / "main.py").rename(app / "sample_main.py")
+    shutil.copy2(REPO / "scripts" / "monailabel_app.py", app / "main.py")  # the sample app + multi-sequence studies
     for name in _as_list(bundles):
         source, target = REPO / "bundles" / name, app / "model" / name
         if not (source / "configs" / "inference.json").exists():

@@ -1,4 +1,4 @@
-"""A throw-away PACS on loopback: Orthanc (Debian package) with its DICOMweb plugin, filled with phantom CT series.
+"""A throw-away PACS on loopback: Orthanc (Debian package) with its DICOMweb plugin, filled with phantom studies.
 
 MONAI Label's DICOMweb datastore (``--studies http://127.0.0.1:<port>/dicom-web``) lists, downloads and labels the
 series of a real PACS; this tool gives it one to talk to, without touching any Orthanc service of the machine:
@@ -8,10 +8,10 @@ series of a real PACS; this tool gives it one to talk to, without touching any O
    ``<work_dir>/storage``, no authentication, HTTP refused to anything but loopback, DICOMweb at ``/dicom-web/``),
    starts ``Orthanc`` in its own process group, waits until ``GET /system`` answers and records URL, ports and PID
    in ``<work_dir>/pacs.json``.
-2. ``upload``: writes phantom mediastinal CT cases (``scripts/phantoms.py``) as DICOM series
-   (``scripts/dicom_io.py``), the tumour label of the first ``labelled`` cases as a DICOM SEG (highdicom) that
-   references its series, and POSTs every file to Orthanc's ``/instances``; the UIDs go to
-   ``<work_dir>/uploaded.json``.
+2. ``upload``: writes phantom mediastinal CT cases and liver MR studies (a T2WI and a DWI series each;
+   ``scripts/phantoms.py``) as DICOM series (``scripts/dicom_io.py``), the tumour label of the first ``labelled``
+   cases of each kind as a DICOM SEG (highdicom) that references its (first) series, and POSTs every file to
+   Orthanc's ``/instances``; the UIDs go to ``<work_dir>/uploaded.json``.
 3. ``stop``: ends the process group recorded in ``<work_dir>/pacs.json`` (only the Orthanc this tool started).
 
 Orthanc 1.10 has no option for the address it listens on: ``RemoteAccessAllowed: false`` makes its HTTP server
@@ -21,7 +21,7 @@ answer loopback clients only, and its DICOM listener accepts no store, find, get
 Examples (from the repository root)::
 
     python scripts/pacs.py start                       # prints {"url": ..., "dicomweb": ..., "pid": ...}
-    python scripts/pacs.py upload --n_ct 2 --labelled 1
+    python scripts/pacs.py upload --n_ct 2 --n_liver 2 --labelled 1
     python scripts/pacs.py stop
 """
 
@@ -188,18 +188,23 @@ def write_seg(label, series_dir: Path, out_file: Path) -> str:
     return str(seg.SeriesInstanceUID)
 
 
-def upload(work_dir: str = str(DEFAULT_WORK_DIR), n_ct: int = 2, labelled: int = 1, seed: int = 0) -> dict:
-    """Store phantom CT series (and the labels of the first ``labelled`` cases as DICOM SEG) in the running Orthanc.
+def upload(work_dir: str = str(DEFAULT_WORK_DIR), n_ct: int = 2, labelled: int = 1, seed: int = 0,
+           n_liver: int = 0) -> dict:
+    """Store phantom CT series and liver MR studies (and the labels of the first ``labelled`` cases of each kind as
+    DICOM SEG) in the running Orthanc.
 
     Args:
         work_dir: the folder ``start`` used; ``phantoms/`` and ``dicom/`` are (re)written in it.
-        n_ct: number of CT cases.
-        labelled: number of cases (the first ones) whose tumour label is stored as a DICOM SEG.
+        n_ct: number of CT cases (one series each).
+        labelled: number of cases of each kind (the first ones) whose tumour label is stored as a DICOM SEG.
         seed: phantom seed.
+        n_liver: number of liver MR cases: one study each with a T2WI and a DWI series (``SeriesDescription``
+            ``"T2WI"`` / ``"DWI"``, the same slice grid); a label references the T2WI series.
 
     Returns:
-        ``{case: {"study", "series", "seg_series" (or None), "image", "label", "instances"}}`` with the NIfTI
-        phantom files the series were written from (also written to ``<work_dir>/uploaded.json``).
+        ``{case: {"study", "series" (liver: the T2WI series), "series_dir" (its DICOM files), "seg_series" (or
+        None), "image" (liver: the T2WI and DWI files), "label", "instances"}}`` with the NIfTI phantom files the
+        series were written from (also written to ``<work_dir>/uploaded.json``).
     """
     import nibabel as nib
     import numpy as np
@@ -212,25 +217,44 @@ def upload(work_dir: str = str(DEFAULT_WORK_DIR), n_ct: int = 2, labelled: int =
     phantom_dir, dicom_dir = work / "phantoms", work / "dicom"
     for folder in (phantom_dir, dicom_dir):
         shutil.rmtree(folder, ignore_errors=True)
-    phantoms.mediastinal_ct(str(phantom_dir), n_cases=n_ct, seed=seed, size=64, n_slices=48)
-    uploaded = {}
-    for index, image_file in enumerate(sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))):
-        case = image_file.name[: -len(".nii.gz")]
-        label_file = phantom_dir / "labelsTr" / image_file.name
-        image = nib.load(image_file)
-        series_dir = dicom_dir / case
-        uids = dicom_io.write_series(np.asarray(image.dataobj), image.affine, series_dir, "CT",
-                                     series_description=f"phantom {case}", patient_id=case.upper())
-        files = sorted(series_dir.glob("*.dcm"))
+    cases = []  # (case, [(series description, NIfTI file)], label file)
+    if n_ct:
+        phantoms.mediastinal_ct(str(phantom_dir / "ct"), n_cases=n_ct, seed=seed, size=64, n_slices=48)
+        cases += [(f.name[: -len(".nii.gz")], [(f"phantom {f.name[: -len('.nii.gz')]}", f)],
+                   phantom_dir / "ct" / "labelsTr" / f.name)
+                  for f in sorted((phantom_dir / "ct" / "imagesTr").glob("*.nii.gz"))]
+    if n_liver:
+        phantoms.liver_mri(str(phantom_dir / "liver"), n_cases=n_liver, seed=seed, size=64, n_slices=8)
+        cases += [(f.name[: -len(".nii.gz")], [(d, phantom_dir / "liver" / "imagesTr" /
+                                                f"{f.name[: -len('.nii.gz')]}_{s}.nii.gz")
+                                               for d, s in (("T2WI", "t2w"), ("DWI", "dwi"))], f)
+                  for f in sorted((phantom_dir / "liver" / "labelsTr").glob("*.nii.gz"))]
+    uploaded, counts = {}, {}
+    for case, sequences, label_file in cases:
+        modality = "MR" if len(sequences) > 1 else "CT"
+        index = counts[modality] = counts.get(modality, -1) + 1
+        files, series, study = [], [], None
+        for number, (description, image_file) in enumerate(sequences, start=1):
+            image = nib.load(image_file)
+            series_dir = dicom_dir / case / description
+            uids = dicom_io.write_series(np.asarray(image.dataobj), image.affine, series_dir, modality,
+                                         series_description=description, patient_id=case.upper(), study_uid=study,
+                                         series_number=number)
+            study = uids["study"]
+            series.append((uids["series"], series_dir))
+            files += sorted(series_dir.glob("*.dcm"))
         seg_series = None
-        if index < labelled:
+        if index < labelled:  # on the first sequence's series
             seg_file = dicom_dir / f"{case}_seg.dcm"
-            seg_series = write_seg(np.asarray(nib.load(label_file).dataobj), series_dir, seg_file)
+            seg_series = write_seg(np.asarray(nib.load(label_file).dataobj), series[0][1], seg_file)
             files.append(seg_file)
         for path in files:
             post_instance(url, path)
-        uploaded[case] = {"study": uids["study"], "series": uids["series"], "seg_series": seg_series,
-                          "image": str(image_file), "label": str(label_file), "instances": len(files)}
+        images = [str(f) for _, f in sequences]
+        uploaded[case] = {"study": study, "series": series[0][0], "series_dir": str(series[0][1]),
+                          "seg_series": seg_series,
+                          "image": images[0] if len(images) == 1 else images, "label": str(label_file),
+                          "instances": len(files)}
     (work / "uploaded.json").write_text(json.dumps(uploaded, indent=2))
     return uploaded
 

@@ -1,16 +1,16 @@
 """MONAI Label on a real PACS: Orthanc (Debian package + DICOMweb plugin) on loopback, driven over HTTP only.
 
 ``scripts/pacs.py`` starts Orthanc (installing it with apt-get when missing; the module is skipped only when that is
-impossible) and stores two phantom CT series, the first with its tumour label as a DICOM SEG written by highdicom.
+impossible) and stores two phantom CT series and two liver MR studies (a T2WI and a DWI series each), the first of
+each kind with its tumour label as a DICOM SEG written by highdicom.
 ``scripts/monailabel_server.py serve --studies_dir <dicomweb URL>`` starts MONAI Label 0.8.5 on that DICOMweb
 endpoint with the CEDS bundle (``cpu_demo`` widths, random weights unless the quick start's exist). Then, as the
 README's "From a PACS" block does: the datastore lists the PACS's series, inference on the unlabelled series returns
 a label on the series' grid, that label is saved (``PUT /datastore/label``) and must appear in Orthanc as a DICOM SEG
 referencing its series, the training datalist must pair both series with labels read back from Orthanc's SEGs, and
-one training epoch must rewrite the served ``models/model.pt``. Every process started is stopped at the end.
-
-The liver bundle is not served here: its input is two series (T2WI and DWI) stacked as channels, and MONAI Label's
-DICOMweb datastore hands a task exactly one series as its image (see the README).
+one training epoch must rewrite the served ``models/model.pt``. The same for the liver bundle from a second
+server on the same PACS, whose input is two series of one study stacked as channels (``scripts/monailabel_app.py``:
+one image per study, named by its T2WI series). Every process started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from monailabel_http import multipart, request
 pytestmark = pytest.mark.integration
 
 MODEL = "ceds_mediastinum"
+LIVER = "cdugjl_liver"
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +43,40 @@ def pacs(tmp_path_factory):
     except tool.OrthancUnavailable as err:
         pytest.skip(f"no Orthanc: {err}")
     try:
-        uploaded = tool.upload(str(work), n_ct=2, labelled=1)
+        uploaded = tool.upload(str(work), n_ct=2, labelled=1, n_liver=2)
         yield {**info, "work": work, "uploaded": uploaded}
     finally:
         tool.stop(str(work))
         assert not monailabel_server._alive(info["pid"]), f"Orthanc {info['pid']} still running"
 
 
-@pytest.fixture(scope="module")
-def server(monailabel_venv, pacs, tmp_path_factory):
-    """MONAI Label serving the CEDS bundle from the PACS's DICOMweb endpoint; yields ``server.json`` + ``app``."""
+def _serve(bundle: str, venv: Path, pacs: dict, work: Path):
+    """MONAI Label serving ``bundle`` from the PACS's DICOMweb endpoint; yields ``server.json`` + ``app``."""
     import monailabel_server as helper
 
-    work = tmp_path_factory.mktemp("monailabel_pacs")
     try:
-        helper.serve(work_dir=str(work), bundles=MODEL, studies_dir=pacs["dicomweb"], cpu_demo=True,
-                     random_weights=True, port=helper.free_port(), venv=str(monailabel_venv), detach=True)
+        helper.serve(work_dir=str(work), bundles=bundle, studies_dir=pacs["dicomweb"], cpu_demo=True,
+                     random_weights=True, port=helper.free_port(), venv=str(venv), detach=True)
         info = json.loads((work / "server.json").read_text())
         yield {**info, "app": work / "apps" / "monaibundle", "work": work}
     finally:
         pid = json.loads((work / "server.json").read_text())["pid"] if (work / "server.json").exists() else None
         helper.stop(str(work))
         assert pid is None or not helper._alive(pid), f"MONAI Label server {pid} still running"
+
+
+@pytest.fixture(scope="module")
+def server(monailabel_venv, pacs, tmp_path_factory):
+    yield from _serve(MODEL, monailabel_venv, pacs, tmp_path_factory.mktemp("monailabel_pacs"))
+
+
+@pytest.fixture(scope="module")
+def liver_server(monailabel_venv, pacs, tmp_path_factory):
+    yield from _serve(LIVER, monailabel_venv, pacs, tmp_path_factory.mktemp("monailabel_pacs_liver"))
+
+
+def _cases(pacs: dict, prefix: str) -> dict[str, dict]:
+    return {case: info for case, info in pacs["uploaded"].items() if case.startswith(prefix)}
 
 
 def _orthanc_segs(pacs: dict) -> dict[str, str]:
@@ -102,7 +115,8 @@ def test_infer_returns_label_on_series_grid_and_saves_it_as_seg(server, pacs):
     body, content_type = multipart({"params": params}, {"label": out})
     request(server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
     segs = _orthanc_segs(pacs)
-    assert sorted(segs.values()) == sorted(c["series"] for c in pacs["uploaded"].values()), segs
+    assert sorted(set(segs.values()) - {c["series"] for c in _cases(pacs, "liver").values()}) == sorted(
+        c["series"] for c in _cases(pacs, "ct").values()), segs
 
 
 def _in_monailabel_venv(venv: Path, code: str, *args: str):
@@ -145,14 +159,14 @@ def test_monailabel_seg_round_trip_keeps_every_slice(pacs, monailabel_venv):
     convert = ("from monailabel.datastore.utils.convert import nifti_to_dicom_seg, dicom_seg_to_itk_image\n"
                "label = dicom_seg_to_itk_image(nifti_to_dicom_seg(sys.argv[1], sys.argv[2], [{'name': 'tumour'}]))")
     summary = _in_monailabel_venv(monailabel_venv, _SUMMARY.format(convert=convert),
-                                  str(pacs["work"] / "dicom" / "ct_000"), ct_000["label"])
+                                  ct_000["series_dir"], ct_000["label"])
     assert summary == [list(truth.shape), int(truth.sum())]
 
 
 def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
     datalist = json.loads(request(server, "GET", "/datastore/?output=train"))
     pairs = {Path(item["image"]).name.split(".nii")[0]: Path(item["label"]) for item in datalist}
-    assert sorted(pairs) == sorted(c["series"] for c in pacs["uploaded"].values()), datalist
+    assert sorted(pairs) == sorted(c["series"] for c in _cases(pacs, "ct").values()), datalist
     ct_000 = pacs["uploaded"]["ct_000"]  # its label exists only as the SEG that scripts/pacs.py stored in Orthanc
     truth = np.asarray(nib.load(ct_000["label"]).dataobj)
     assert _label_summary(monailabel_venv, pairs[ct_000["series"]]) == (list(truth.shape), int(truth.sum()))
@@ -161,4 +175,43 @@ def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
     before = (bundle / "models" / "model.pt").stat().st_mtime_ns
     params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
     request(server, "POST", f"/train/{MODEL}?run_sync=true", json.dumps(params).encode(), "application/json")
+    assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"
+
+
+def test_liver_study_is_one_image_of_both_sequences(liver_server, pacs):
+    stats = json.loads(request(liver_server, "GET", "/datastore/?output=stats"))
+    assert stats["total"] == 2 and stats["completed"] == 1, stats  # two studies, not four series; liver_000 labelled
+    case = pacs["uploaded"]["liver_001"]
+    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
+    result = request(liver_server, "POST", f"/infer/{LIVER}?image={case['series']}&output=image", body, content_type)
+    out = liver_server["work"] / "liver_001_infer.nii.gz"
+    out.write_bytes(result)
+    label, t2w = nib.load(out), nib.load(case["image"][0])
+    assert label.shape == t2w.shape == (64, 64, 8)
+    np.testing.assert_allclose(label.affine, t2w.affine, atol=1e-3)
+    # the image MONAI Label gave the bundle: T2WI and DWI as the last axis, in channel order
+    stacked = nib.load(next(p for p in (liver_server["work"] / "dicomweb-cache").rglob(f"{case['series']}.nii.gz")
+                            if "labels" not in p.parts))
+    assert stacked.shape == (64, 64, 8, 2)
+    for channel, source in enumerate(case["image"]):
+        truth = np.asarray(nib.load(source).dataobj, dtype=np.float32)
+        np.testing.assert_allclose(np.asarray(stacked.dataobj)[..., channel], truth,
+                                   atol=1e-3 * float(np.abs(truth).max()))  # int16 quantisation of the series
+
+    params = json.dumps({"label_info": [{"name": "tumour", "model_name": LIVER}]})
+    body, content_type = multipart({"params": params}, {"label": out})
+    request(liver_server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
+    assert case["series"] in _orthanc_segs(pacs).values()  # the SEG references the T2WI series
+
+
+def test_liver_training_reads_stacked_studies_and_labels_from_pacs(liver_server, pacs):
+    datalist = json.loads(request(liver_server, "GET", "/datastore/?output=train"))
+    pairs = {Path(item["image"]).name.split(".nii")[0]: item for item in datalist}
+    assert sorted(pairs) == sorted(c["series"] for c in _cases(pacs, "liver").values()), datalist
+    assert all(nib.load(item["image"]).shape == (64, 64, 8, 2) for item in datalist)
+
+    bundle = liver_server["app"] / "model" / LIVER
+    before = (bundle / "models" / "model.pt").stat().st_mtime_ns
+    params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
+    request(liver_server, "POST", f"/train/{LIVER}?run_sync=true", json.dumps(params).encode(), "application/json")
     assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"

@@ -11,9 +11,10 @@ studies, ``monai``/``nibabel``/``scipy`` (present in both venvs). What ``serve``
    "segmentation". The app's ``main.py`` is ``scripts/monailabel_app.py`` (the sample's becomes ``sample_main.py``):
    the sample app whose DICOMweb datastore also stacks the sequences of one study for a multi-sequence bundle (the
    liver bundle's T2WI and DWI). With ``--cpu_demo`` the bundle's ``configs/cpu_demo.json`` overlay is merged into
-   the copy's ``inference.json`` and ``train.json`` (MONAI Label reads one config file each and never merges overlays), so
-   weights trained with the overlay (``scripts/quickstart.py``) fit the network. With ``--random_weights`` a bundle
-   without ``models/model.pt`` gets a randomly initialised ``network_def`` state dict (a smoke test only).
+   the copy's ``inference.json`` and ``train.json`` (MONAI Label reads one config file each and never merges
+   overlays), so weights trained with the overlay (``scripts/quickstart.py``) fit the network. With
+   ``--random_weights`` a bundle without ``models/model.pt`` gets a randomly initialised ``network_def`` state dict
+   (a smoke test only).
 2. ``studies`` (when no ``--studies`` folder is given): writes tiny phantom studies: CT volumes (with labels in
    ``labels/final``, MONAI Label's local datastore layout) and liver MRI volumes as single 4-D NIfTI files
    ``[x, y, z, 2]`` holding T2WI and DWI (the liver bundle's 2-channel input; ``EnsureChannelFirstd`` moves the

@@ -45,10 +45,6 @@ from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
-# modalities whose series are outputs, never images
-DERIVED_MODALITIES = ("SEG", "SR", "RTSTRUCT", "PR", "KO")
-
-
 def bundle_inputs(bundle_dirs: list[Path]) -> list[dict[str, Any]]:
     """The input of each served bundle: ``{"modality", "sequences"}``, ``sequences`` holding, per channel, the
     lower-case names a ``SeriesDescription`` may carry (empty for a single-channel input)."""
@@ -132,8 +128,7 @@ class MultiSequenceDICOMWebDatastore(DICOMWebDatastore):
     @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY))
     def list_images(self) -> list[str]:
         single = {i["modality"] for i in self._inputs if not i["sequences"]}
-        series = [str(ds.SeriesInstanceUID) for m in sorted(single - set(DERIVED_MODALITIES))
-                  for ds in self._search(m)]
+        series = [str(ds.SeriesInstanceUID) for m in sorted(single) for ds in self._search(m)]
         return series + list(self.groups())
 
     def get_image_uri(self, image_id: str) -> str:
@@ -143,18 +138,21 @@ class MultiSequenceDICOMWebDatastore(DICOMWebDatastore):
         stacked = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
         if os.path.exists(stacked):
             return stacked
-        volumes = []
+        arrays, affines = [], []
         for uid in group:
             series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), uid))
             if not os.path.exists(series_dir) or not os.listdir(series_dir):
                 dicom_web_download_series(None, uid, series_dir, self._client, self._fetch_by_frame)
-            volumes.append(nib.load(dicom_to_nifti(series_dir)))
-        for uid, volume in zip(group[1:], volumes[1:]):
-            if volume.shape != volumes[0].shape or not np.allclose(volume.affine, volumes[0].affine, atol=1e-3):
-                raise ValueError(f"series {uid} ({volume.shape}) and {group[0]} ({volumes[0].shape}) of one study "
+            converted = dicom_to_nifti(series_dir)  # a temporary file
+            volume = nib.load(converted)
+            arrays.append(np.asarray(volume.dataobj, dtype=np.float32))
+            affines.append(volume.affine)
+            os.unlink(converted)
+        for uid, array, affine in zip(group[1:], arrays[1:], affines[1:]):
+            if array.shape != arrays[0].shape or not np.allclose(affine, affines[0], atol=1e-3):
+                raise ValueError(f"series {uid} ({array.shape}) and {group[0]} ({arrays[0].shape}) of one study "
                                  "differ in geometry; the sequences of one input must share their slice grid")
-        image = nib.Nifti1Image(np.stack([np.asarray(v.dataobj, dtype=np.float32) for v in volumes], axis=-1),
-                                volumes[0].affine)
+        image = nib.Nifti1Image(np.stack(arrays, axis=-1), affines[0])
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, f"{image_id}.nii.gz")
             nib.save(image, path)

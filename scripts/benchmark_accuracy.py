@@ -86,7 +86,10 @@ ABLATIONS = {
         "one_pass_batch_norm": {"train#trainer#separate_norm_statistics": False},
     },
     "ceds_mediastinum": {
-        "no_confidence_mask": {"mode": "ceds", "confidence_kept_fraction": 1.0},
+        # the confidence head against the teacher's own probability and against chance, with the same per-class
+        # fraction and normalisation (a kept fraction of 1, no mask at all, is the mean teacher itself)
+        "probability_mask": {"mode": "ceds", "confidence_mask": "probability"},
+        "random_mask": {"mode": "ceds", "confidence_mask": "random"},
         "authors_threshold_mask": {"mode": "ceds", "confidence_mask": "threshold", "consistency_normalization": "mean"},
         "no_confidence_retraining": {"mode": "ceds", "confidence_interval": 0},
         # the authors' student pass: labelled (noised) and unlabelled patches together, sharing batch norm

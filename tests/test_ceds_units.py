@@ -135,6 +135,28 @@ def test_per_class_mask_keeps_confident_tumour(losses):
         losses.ConfidenceMaskedConsistencyLoss(mask="soft")
 
 
+def test_reference_masks_rank_by_probability_or_at_random(losses):
+    """The ablations' references for the confidence head: the same per-class half, ranked by the teacher's own
+    probability (the head's scores are ignored) or drawn at random (about half of each class, another half each
+    call)."""
+    teacher = torch.tensor([[[3.0, 1.0, 2.0, 0.5, -3.0, -0.2, -1.0, -2.0]]])  # logit of background
+    teacher = torch.cat([teacher, -teacher], 1)  # voxels 0-3 background, 4-7 tumour, of different certainty
+    confidence = torch.randn(1, 2, 8)
+    probability = losses.ConfidenceMaskedConsistencyLoss(mask="probability", kept_fraction=0.5)
+    assert probability.kept(teacher, confidence)[0, 0].tolist() == [1, 0, 1, 0, 1, 0, 0, 1]
+    assert probability.kept(teacher, -confidence).equal(probability.kept(teacher, confidence))
+    random = losses.ConfidenceMaskedConsistencyLoss(mask="random", kept_fraction=0.5)
+    big = torch.randn(1, 2, 20_000)
+    draws = [random.kept(big, torch.zeros(1, 2, 20_000))[0, 0] for _ in range(2)]
+    for draw in draws:
+        for cls in (0, 1):
+            in_class = big.argmax(1)[0] == cls
+            assert draw[in_class].mean().item() == pytest.approx(0.5, abs=0.01)
+    assert not draws[0].equal(draws[1])
+    # without a confidence (mean teacher mode) every mask keeps every voxel
+    assert random.kept(teacher, None).sum() == 8 and probability.kept(teacher, None).sum() == 8
+
+
 # ---------------------------------------------------------------------------------------------------- network
 
 

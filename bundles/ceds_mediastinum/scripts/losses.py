@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from .mean_teacher import sigmoid_rampup, top_fraction_per_class
 from .semi_supervised import RunProgress
 
-__all__ = ["CEDSLoss", "ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "correctness_target", "sharpen"]
+__all__ = ["CEDSLoss", "ConfidenceCELoss", "ConfidenceMaskedConsistencyLoss", "MASKS", "correctness_target", "sharpen"]
+
+# the consistency masks of ConfidenceMaskedConsistencyLoss
+MASKS = ("threshold", "per_class", "probability", "random")
 
 
 def sharpen(prob: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -123,14 +126,17 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
       then pull the student's tumour towards background.
     - ``mask="per_class"``: ``m`` keeps the ``kept_fraction`` most confident voxels of each class the teacher
       predicts (:func:`scripts.mean_teacher.top_fraction_per_class`), confident tumour as well as background.
+    - ``mask="probability"`` and ``mask="random"``: the same per-class selection ranked by the teacher's own top
+      softmax probability, or at random, instead of the confidence head (references for the head: the ablations
+      ``probability_mask`` and ``random_mask``).
 
     Args:
         temperature: sharpening temperature ``T`` of the teacher probabilities (1 = no sharpening).
         threshold: the teacher's P(correct) above which a voxel counts (``mask="threshold"``).
-        mask: ``"threshold"`` or ``"per_class"``.
-        kept_fraction: the fraction of each predicted class kept (``mask="per_class"``), in ``(0, 1]``: one value
-            for every class, or one per class (e.g. ``[0.5, 1.0]`` keeps the most confident half of the background
-            and all of the teacher's tumour).
+        mask: ``"threshold"``, ``"per_class"``, ``"probability"`` or ``"random"``.
+        kept_fraction: the fraction of each predicted class kept (every mask but ``"threshold"``), in ``(0, 1]``:
+            one value for every class, or one per class (e.g. ``[0.5, 1.0]`` keeps the most confident half of the
+            background and all of the teacher's tumour).
         normalization: ``"mean"``: ``sum(m * d) / d.numel()``, the mean over all voxels with masked ones counting
             as zeros (the authors' code); ``"mask"``: ``sum(m * d) / (C * sum(m))``, the mean over the kept voxels
             (UA-MT), 0 when the mask is empty.
@@ -147,8 +153,8 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         super().__init__()
         if normalization not in ("mean", "mask"):
             raise ValueError(f"normalization must be 'mean' or 'mask', got {normalization!r}.")
-        if mask not in ("threshold", "per_class"):
-            raise ValueError(f"mask must be 'threshold' or 'per_class', got {mask!r}.")
+        if mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}.")
         fractions = [kept_fraction] if isinstance(kept_fraction, (int, float)) else list(kept_fraction)
         if not all(0.0 < f <= 1.0 for f in fractions):
             raise ValueError(f"kept_fraction must be in (0, 1] (one value, or one per class), got {kept_fraction}.")
@@ -171,10 +177,15 @@ class ConfidenceMaskedConsistencyLoss(nn.Module):
         teacher_logits = teacher_logits.detach()
         if teacher_confidence_logits is None:
             return torch.ones_like(teacher_logits[:, :1])
-        confidence = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2].to(teacher_logits)
+        if self.mask == "probability":
+            score = torch.softmax(teacher_logits, dim=1).amax(1, keepdim=True)
+        elif self.mask == "random":
+            score = torch.rand_like(teacher_logits[:, :1])
+        else:
+            score = torch.softmax(teacher_confidence_logits.detach(), dim=1)[:, 1:2].to(teacher_logits)
         if self.mask == "threshold":
-            return (confidence > self.threshold).to(teacher_logits)
-        return top_fraction_per_class(confidence, teacher_logits.argmax(1, keepdim=True), self.kept_fraction)
+            return (score > self.threshold).to(teacher_logits)
+        return top_fraction_per_class(score, teacher_logits.argmax(1, keepdim=True), self.kept_fraction)
 
     def forward(
         self,

@@ -150,8 +150,10 @@ class MultiSequenceDICOMWebDatastore(DICOMWebDatastore):
             os.unlink(converted)
         for uid, array, affine in zip(group[1:], arrays[1:], affines[1:]):
             if array.shape != arrays[0].shape or not np.allclose(affine, affines[0], atol=1e-3):
-                raise ValueError(f"series {uid} ({array.shape}) and {group[0]} ({arrays[0].shape}) of one study "
-                                 "differ in geometry; the sequences of one input must share their slice grid")
+                raise ValueError(
+                    f"series {uid} and {group[0]} of one study differ in geometry (shapes {array.shape} and "
+                    f"{arrays[0].shape}, affines up to {np.abs(affine - affines[0]).max():.3g} mm apart); the "
+                    "sequences of one input must share their slice grid")
         image = nib.Nifti1Image(np.stack(arrays, axis=-1), affines[0])
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, f"{image_id}.nii.gz")

@@ -16,6 +16,7 @@ one image per study, named by its T2WI series). Every process started is stopped
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def pacs(tmp_path_factory):
         pytest.skip(f"no Orthanc: {err}")
     try:
         uploaded = tool.upload(str(work), n_ct=2, labelled=1, n_liver=2)
-        yield {**info, "work": work, "uploaded": uploaded}
+        yield {**info, "work": work, "uploaded": uploaded, "bad": _bad_liver_studies(info["url"], work, uploaded)}
     finally:
         tool.stop(str(work))
         assert not monailabel_server._alive(info["pid"]), f"Orthanc {info['pid']} still running"
@@ -63,6 +64,31 @@ def _serve(bundle: str, venv: Path, pacs: dict, work: Path):
         pid = json.loads((work / "server.json").read_text())["pid"] if (work / "server.json").exists() else None
         helper.stop(str(work))
         assert pid is None or not helper._alive(pid), f"MONAI Label server {pid} still running"
+
+
+def _bad_liver_studies(url: str, work: Path, uploaded: dict) -> dict[str, str]:
+    """Two more liver studies from liver_001's volumes, stored before any server lists the PACS: ``"incomplete"``
+    (a T2WI series only) and ``"mismatched"`` (its DWI series 5 mm off the T2WI's slice grid); their T2WI series."""
+    import dicom_io
+    import pacs as tool
+
+    t2w, dwi = (nib.load(f) for f in uploaded["liver_001"]["image"])
+    shifted = dwi.affine.copy()
+    shifted[2, 3] += 5.0
+    bad = {}
+    for name, sequences in (("incomplete", [("T2WI", t2w.affine)]),
+                            ("mismatched", [("T2WI", t2w.affine), ("DWI", shifted)])):
+        study = None
+        for number, (description, affine) in enumerate(sequences, start=1):
+            folder = work / "dicom" / f"bad_{name}" / description
+            volume = np.asarray((t2w if description == "T2WI" else dwi).dataobj)
+            uids = dicom_io.write_series(volume, affine, folder, "MR", series_description=description,
+                                         patient_id=f"BAD_{name.upper()}", study_uid=study, series_number=number)
+            study = study or uids["study"]
+            bad.setdefault(name, uids["series"])
+            for path in sorted(folder.glob("*.dcm")):
+                tool.post_instance(url, path)
+    return bad
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +206,8 @@ def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
 
 def test_liver_study_is_one_image_of_both_sequences(liver_server, pacs):
     stats = json.loads(request(liver_server, "GET", "/datastore/?output=stats"))
-    assert stats["total"] == 2 and stats["completed"] == 1, stats  # two studies, not four series; liver_000 labelled
+    # liver_000, liver_001 and the mismatched study, not their seven series; the incomplete study is left out
+    assert stats["total"] == 3 and stats["completed"] == 1, stats
     case = pacs["uploaded"]["liver_001"]
     body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
     result = request(liver_server, "POST", f"/infer/{LIVER}?image={case['series']}&output=image", body, content_type)
@@ -215,3 +242,20 @@ def test_liver_training_reads_stacked_studies_and_labels_from_pacs(liver_server,
     params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
     request(liver_server, "POST", f"/train/{LIVER}?run_sync=true", json.dumps(params).encode(), "application/json")
     assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"
+
+
+def test_liver_study_of_mismatched_sequences_is_refused_by_name(liver_server, pacs):
+    import urllib.error
+
+    series = pacs["bad"]["mismatched"]
+    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
+    req = urllib.request.Request(f"{liver_server['url']}/infer/{LIVER}?image={series}&output=image", data=body,
+                                 method="POST", headers={"Content-Type": content_type})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=600)
+    assert err.value.code == 500
+    deadline = time.monotonic() + 30  # the server logs the exception after it has answered
+    while "differ in geometry" not in Path(liver_server["log"]).read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    message = next(line for line in Path(liver_server["log"]).read_text().splitlines() if "differ in geometry" in line)
+    assert f"and {series} of one study" in message and "affines up to 5 mm apart" in message

@@ -105,6 +105,29 @@ def _cases(pacs: dict, prefix: str) -> dict[str, dict]:
     return {case: info for case, info in pacs["uploaded"].items() if case.startswith(prefix)}
 
 
+def _infer(server: dict, bundle: str, series: str, out: Path) -> Path:
+    """``POST /infer/<bundle>`` on the image ``series``; the returned label written to ``out``."""
+    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
+    out.write_bytes(request(server, "POST", f"/infer/{bundle}?image={series}&output=image", body, content_type))
+    return out
+
+
+def _save_label(server: dict, bundle: str, series: str, label: Path) -> None:
+    """``PUT /datastore/label`` of ``label`` as the final label of the image ``series`` (a DICOM SEG in Orthanc)."""
+    params = json.dumps({"label_info": [{"name": "tumour", "model_name": bundle}]})
+    body, content_type = multipart({"params": params}, {"label": label})
+    request(server, "PUT", f"/datastore/label?image={series}&tag=final", body, content_type)
+
+
+def _assert_training_round_rewrites_model(server: dict, bundle: str) -> None:
+    """One MONAI Label training epoch of ``bundle`` must rewrite the served ``models/model.pt``."""
+    model = server["app"] / "model" / bundle / "models" / "model.pt"
+    before = model.stat().st_mtime_ns
+    params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
+    request(server, "POST", f"/train/{bundle}?run_sync=true", json.dumps(params).encode(), "application/json")
+    assert model.stat().st_mtime_ns != before, "models/model.pt not rewritten"
+
+
 def _orthanc_segs(pacs: dict) -> dict[str, str]:
     """``{SEG SeriesInstanceUID: referenced image SeriesInstanceUID}`` of every SEG in Orthanc (over its REST API)."""
     find = urllib.request.Request(
@@ -127,19 +150,14 @@ def test_datastore_lists_the_pacs_series(server, pacs):
 
 def test_infer_returns_label_on_series_grid_and_saves_it_as_seg(server, pacs):
     case = pacs["uploaded"]["ct_001"]
-    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
-    result = request(server, "POST", f"/infer/{MODEL}?image={case['series']}&output=image", body, content_type)
-    out = server["work"] / "ct_001_infer.nii.gz"
-    out.write_bytes(result)
+    out = _infer(server, MODEL, case["series"], server["work"] / "ct_001_infer.nii.gz")
     label, source = nib.load(out), nib.load(case["image"])
     assert label.shape == source.shape == (64, 64, 48)  # one voxel per pixel of each of the 48 slices
     np.testing.assert_allclose(label.affine, source.affine, atol=1e-3)
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
 
     assert case["series"] not in _orthanc_segs(pacs).values()
-    params = json.dumps({"label_info": [{"name": "tumour", "model_name": MODEL}]})
-    body, content_type = multipart({"params": params}, {"label": out})
-    request(server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
+    _save_label(server, MODEL, case["series"], out)
     segs = _orthanc_segs(pacs)
     assert sorted(set(segs.values()) - {c["series"] for c in _cases(pacs, "liver").values()}) == sorted(
         c["series"] for c in _cases(pacs, "ct").values()), segs
@@ -197,11 +215,7 @@ def test_training_reads_labels_from_pacs(server, pacs, monailabel_venv):
     truth = np.asarray(nib.load(ct_000["label"]).dataobj)
     assert _label_summary(monailabel_venv, pairs[ct_000["series"]]) == (list(truth.shape), int(truth.sum()))
 
-    bundle = server["app"] / "model" / MODEL
-    before = (bundle / "models" / "model.pt").stat().st_mtime_ns
-    params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
-    request(server, "POST", f"/train/{MODEL}?run_sync=true", json.dumps(params).encode(), "application/json")
-    assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"
+    _assert_training_round_rewrites_model(server, MODEL)
 
 
 def test_liver_study_is_one_image_of_both_sequences(liver_server, pacs):
@@ -209,10 +223,7 @@ def test_liver_study_is_one_image_of_both_sequences(liver_server, pacs):
     # liver_000, liver_001 and the mismatched study, not their seven series; the incomplete study is left out
     assert stats["total"] == 3 and stats["completed"] == 1, stats
     case = pacs["uploaded"]["liver_001"]
-    body, content_type = multipart({"params": json.dumps({"device": "cpu"})})
-    result = request(liver_server, "POST", f"/infer/{LIVER}?image={case['series']}&output=image", body, content_type)
-    out = liver_server["work"] / "liver_001_infer.nii.gz"
-    out.write_bytes(result)
+    out = _infer(liver_server, LIVER, case["series"], liver_server["work"] / "liver_001_infer.nii.gz")
     label, t2w = nib.load(out), nib.load(case["image"][0])
     assert label.shape == t2w.shape == (64, 64, 8)
     np.testing.assert_allclose(label.affine, t2w.affine, atol=1e-3)
@@ -225,9 +236,7 @@ def test_liver_study_is_one_image_of_both_sequences(liver_server, pacs):
         np.testing.assert_allclose(np.asarray(stacked.dataobj)[..., channel], truth,
                                    atol=1e-3 * float(np.abs(truth).max()))  # int16 quantisation of the series
 
-    params = json.dumps({"label_info": [{"name": "tumour", "model_name": LIVER}]})
-    body, content_type = multipart({"params": params}, {"label": out})
-    request(liver_server, "PUT", f"/datastore/label?image={case['series']}&tag=final", body, content_type)
+    _save_label(liver_server, LIVER, case["series"], out)
     assert case["series"] in _orthanc_segs(pacs).values()  # the SEG references the T2WI series
 
 
@@ -237,11 +246,7 @@ def test_liver_training_reads_stacked_studies_and_labels_from_pacs(liver_server,
     assert sorted(pairs) == sorted(c["series"] for c in _cases(pacs, "liver").values()), datalist
     assert all(nib.load(item["image"]).shape == (64, 64, 8, 2) for item in datalist)
 
-    bundle = liver_server["app"] / "model" / LIVER
-    before = (bundle / "models" / "model.pt").stat().st_mtime_ns
-    params = {"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}
-    request(liver_server, "POST", f"/train/{LIVER}?run_sync=true", json.dumps(params).encode(), "application/json")
-    assert (bundle / "models" / "model.pt").stat().st_mtime_ns != before, "models/model.pt not rewritten"
+    _assert_training_round_rewrites_model(liver_server, LIVER)
 
 
 def test_liver_study_of_mismatched_sequences_is_refused_by_name(liver_server, pacs):

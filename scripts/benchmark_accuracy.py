@@ -180,10 +180,14 @@ def _phantom_generator(bundle: str):
 
 def phantom_arguments(bundle: str, data: dict) -> dict:
     """Every argument the bundle's phantom generator runs with: its defaults updated by ``data``, data seed 0 (JSON
-    types), so that a changed generator default counts as a changed profile."""
+    types), so that a changed generator default counts as a changed profile. An argument of
+    ``phantoms.ADDED_ARGUMENTS`` (added later, its default drawing as before it existed) is left out at its default,
+    so that results recorded before it existed stay current."""
     parameters = inspect.signature(_phantom_generator(bundle)).parameters.items()
     defaults = {k: p.default for k, p in parameters if k != "out_dir" and p.default is not inspect.Parameter.empty}
-    return json.loads(json.dumps({**defaults, **data, "seed": 0}))
+    arguments = {**defaults, **data, "seed": 0}
+    arguments = {k: v for k, v in arguments.items() if k not in phantoms.ADDED_ARGUMENTS or v != defaults.get(k)}
+    return json.loads(json.dumps(arguments))
 
 
 def _bundle_cmd(bundle: str, configs: list[str], overrides: dict) -> list[str]:

@@ -406,3 +406,32 @@ def test_liver_lesion_types_selectable():
         kinds |= set(phantoms.liver_case(i, seed=0, size=48, n_slices=6, max_lesions=3,
                                          lesion_types=("t2_dark", "dwi_only"))["lesions"])
     assert kinds == {"t2_dark", "dwi_only"}
+
+
+def test_liver_appearance_sectors():
+    """With ``appearance_sectors``, lesions (cysts aside) take their T2WI / DWI contrast from the even sectors of the
+    contrast plane and mimics from the odd ones, the CE phases unchanged; shapes and places are those without it."""
+    n = 3
+    parity: dict[str, list[int]] = {"lesion": [], "mimic": []}
+    for i in range(10):
+        case = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3, appearance_sectors=n, noise=0.0,
+                                   misregistration=0.0)
+        plain = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3, noise=0.0, misregistration=0.0)
+        assert np.array_equal(case["label"], plain["label"])
+        assert all(np.array_equal(a, b) for a, b in zip(case["mimic_masks"], plain["mimic_masks"]))
+        assert all(np.array_equal(case["images"][k], plain["images"][k]) for k in ("art", "pv", "delay"))
+        liver = (case["organs"] == 1) & (case["label"] == 0) & ~np.any([np.zeros_like(case["label"], bool),
+                                                                        *case["mimic_masks"]], axis=0)
+        foci = [("lesion", m) for m, kind in zip(case["lesion_masks"], case["lesions"]) if kind != "cyst"]
+        for kind, mask in foci + [("mimic", m) for m in case["mimic_masks"]]:
+            inner = ndimage.binary_erosion(mask, np.ones((5, 5, 1), bool))
+            if inner.sum() < 20:
+                continue
+            t2, dwi = (np.median(case["images"][k][inner]) / np.median(case["images"][k][liver]) - 1
+                       for k in ("t2w", "dwi"))
+            angle = np.arctan2(dwi / 0.35, t2 / 0.25) % (2 * np.pi)  # the default contrasts' units
+            sector = angle / (np.pi / n)
+            if abs(sector - round(sector)) > 0.15:  # not near a sector boundary
+                parity[kind].append(int(sector) % 2)
+    assert len(parity["lesion"]) >= 5 and len(parity["mimic"]) >= 5, parity
+    assert set(parity["lesion"]) == {0} and set(parity["mimic"]) == {1}, parity

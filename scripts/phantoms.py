@@ -60,10 +60,13 @@ MIMIC_TYPES = {
     "siderotic": {"body": (-0.8, -0.5), "scar": (-0.8, -0.5)},  # dark in T2WI and DWI
 }
 # generator arguments added after benchmark results were recorded, whose defaults draw exactly as before they existed
-ADDED_ARGUMENTS = ("appearance_sectors",)
-# with ``appearance_sectors``: the length of a lesion's or mimic's (T2WI, DWI) contrast direction, in units of
-# ``t2_contrast`` / ``dwi_contrast`` times its conspicuity factor (an HCC-like lesion is 1 along both axes)
-SECTOR_CONTRAST = 1.5
+ADDED_ARGUMENTS = ("appearance_modes",)
+# with ``appearance_modes``: the length of a lesion's or mimic's (T2WI, DWI) log-contrast direction (the signal is
+# the liver's times ``exp(length * direction)``, so that darker and brighter modes are alike), in units of
+# ``t2_contrast`` / ``dwi_contrast`` times its conspicuity factor (an HCC-like lesion is about 1 along both axes), and the
+# ratio of the frequencies of consecutive modes of a class (the first mode the most frequent)
+MODE_CONTRAST = 2.0
+MODE_FREQUENCY_RATIO = 0.5
 
 Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -379,7 +382,7 @@ def liver_case(
     max_mimics: int = 0,
     lesion_types: Sequence[str] = LESION_TYPES[:4],
     mimic_types: Sequence[str] = ("t2_bright",),
-    appearance_sectors: int = 0,
+    appearance_modes: int = 0,
 ) -> dict:
     """Generate one liver-MRI case in memory (see :func:`liver_mri` for the arguments).
 
@@ -422,13 +425,13 @@ def liver_case(
     mimics = _mimics(case_rng(seed, index, 2), grid, liver_core & ~ndimage.binary_dilation(label > 0, iterations=2),
                      max_mimics, lesion_radius, conspicuity, size, mimic_types)
 
-    # with appearance_sectors, the T2WI / DWI contrast of every lesion (cysts with cyst_like_fluid aside) and mimic
+    # with appearance_modes, the T2WI / DWI contrast of every lesion (cysts with cyst_like_fluid aside) and mimic
     # is a direction of the (T2WI, DWI) plane, from a stream of its own so that shapes and places stay as without
     directions = None
-    if appearance_sectors > 0:
-        sector_rng = case_rng(seed, index, 3)
-        directions = ([_sector_direction(sector_rng, appearance_sectors, True) for _ in kinds],
-                      [_sector_direction(sector_rng, appearance_sectors, False) for _ in mimics])
+    if appearance_modes > 0:
+        mode_rng = case_rng(seed, index, 3)
+        directions = ([_mode_direction(mode_rng, appearance_modes, True) for _ in kinds],
+                      [_mode_direction(mode_rng, appearance_modes, False) for _ in mimics])
 
     # clean signals per sequence: tissue lookup, parenchymal texture, lesions, partial-volume blur
     texture = smooth_noise(rng, shape, (3.0, 3.0, 1.0))
@@ -439,13 +442,14 @@ def liver_case(
             sig = _lesion_signal(kind, rho_in, spots[mask], f * t2_contrast, f * dwi_contrast, ce_contrast,
                                  cyst_like_fluid)[s]
             if directions is not None and s < 2 and not (kind == "cyst" and cyst_like_fluid):
-                contrast = (t2_contrast, dwi_contrast)[s] * f * SECTOR_CONTRAST
-                sig = np.full_like(sig, _MR_SIGNAL["liver"][s] * (1.0 + contrast * directions[0][j][s]))
+                contrast = (t2_contrast, dwi_contrast)[s] * f * MODE_CONTRAST
+                sig = np.full_like(sig, _MR_SIGNAL["liver"][s] * np.exp(contrast * directions[0][j][s]))
             img[mask] = sig * (1.0 + 0.04 * texture[mask])
         for j, (mask, rho_in, kind, f) in enumerate(mimics):  # iso to the liver in every CE phase
             contrast = (t2_contrast, dwi_contrast, 0.0, 0.0, 0.0)[s] * f
             if directions is not None:
-                delta = np.full(rho_in.shape, SECTOR_CONTRAST * (directions[1][j][s] if s < 2 else 0.0) * contrast)
+                log_contrast = MODE_CONTRAST * (directions[1][j][s] if s < 2 else 0.0) * contrast
+                delta = np.full(rho_in.shape, np.expm1(log_contrast))
             else:
                 body, scar = (MIMIC_TYPES[kind][part][s] if s < 2 else 0.0 for part in ("body", "scar"))
                 delta = np.where(rho_in < 0.35, scar, body) * contrast
@@ -532,12 +536,13 @@ def _mimics(
     return out
 
 
-def _sector_direction(rng: np.random.Generator, sectors: int, tumour: bool) -> tuple[float, float]:
-    """A unit direction ``(cos, sin)`` in the (T2WI, DWI) contrast plane for ``appearance_sectors``: the plane is
-    cut into ``2 * sectors`` equal sectors, tumour drawn uniformly from the even ones, benign foci from the odd ones.
-    """
-    width = np.pi / sectors
-    theta = (2 * int(rng.integers(sectors)) + (0 if tumour else 1) + rng.uniform()) * width
+def _mode_direction(rng: np.random.Generator, modes: int, tumour: bool) -> tuple[float, float]:
+    """A unit direction ``(cos, sin)`` in the (T2WI, DWI) contrast plane for ``appearance_modes``: ``2 * modes``
+    directions evenly spread, tumour modes at the even ones, benign modes at the odd ones, mode ``j`` of a class
+    drawn with a frequency proportional to ``MODE_FREQUENCY_RATIO ** j``."""
+    weights = MODE_FREQUENCY_RATIO ** np.arange(modes)
+    j = int(rng.choice(modes, p=weights / weights.sum()))
+    theta = (2 * j + (0.5 if tumour else 1.5)) * np.pi / modes
     return float(np.cos(theta)), float(np.sin(theta))
 
 
@@ -565,7 +570,7 @@ def liver_mri(
     max_mimics: int = 0,
     lesion_types: Sequence[str] = LESION_TYPES[:4],
     mimic_types: Sequence[str] = ("t2_bright",),
-    appearance_sectors: int = 0,
+    appearance_modes: int = 0,
 ) -> str:
     """Write a multi-sequence liver-MRI phantom dataset (T2WI, DWI and three contrast-enhanced phases).
 
@@ -628,13 +633,15 @@ def liver_mri(
             lesion but for a T2WI-bright central scar) and ``"siderotic"`` (darker than the liver in T2WI and DWI).
             Every kind is isointense in the CE phases, which therefore tell all of them from tumour alike, while
             T2WI + DWI need examples of each.
-        appearance_sectors: 0 (default) keeps the appearances above. ``n > 0`` gives every lesion (but a cyst with
-            ``cyst_like_fluid``) and every mimic a T2WI / DWI contrast of length ``SECTOR_CONTRAST`` times its
-            conspicuity factor along a random direction of the (T2WI, DWI) contrast plane, cut into ``2 n`` equal
-            sectors: lesions in the even sectors, mimics in the odd ones (the CE phases as before: lesions by type,
-            mimics isointense). Telling a lesion from a mimic in T2WI + DWI then takes examples from every sector,
-            so that a model trained on more labelled volumes learns more of the plane, while the CE phases keep one
-            cue for all. Shapes and places are those of ``0`` (the directions draw from their own stream).
+        appearance_modes: 0 (default) keeps the appearances above. ``n > 0`` gives every lesion (but a cyst with
+            ``cyst_like_fluid``) and every mimic a T2WI / DWI log-contrast of length ``MODE_CONTRAST`` times its
+            conspicuity factor along one of ``2 n`` directions evenly spread over the (T2WI, DWI) contrast plane:
+            ``n`` tumour modes alternating with ``n`` benign ones, each class's modes drawn with frequencies falling
+            by ``MODE_FREQUENCY_RATIO`` from one to the next (the CE phases as before: lesions by type, mimics
+            isointense). Neighbouring modes belong to the other class, so telling a lesion from a mimic in T2WI +
+            DWI takes examples of each mode, and the rare ones are missing from a few labelled volumes, while the
+            CE phases keep one cue for all. Shapes and places are those of ``0`` (the modes draw from their own
+            stream).
 
     Returns:
         path of the written ``dataset.json``.
@@ -646,8 +653,8 @@ def liver_mri(
                   ce_contrast=ce_contrast, noise=noise, misregistration=misregistration,
                   cyst_like_fluid=cyst_like_fluid, max_mimics=max_mimics,
                   lesion_types=list(lesion_types), mimic_types=list(mimic_types))
-    if appearance_sectors:  # recorded only when used (ADDED_ARGUMENTS)
-        kwargs["appearance_sectors"] = appearance_sectors
+    if appearance_modes:  # recorded only when used (ADDED_ARGUMENTS)
+        kwargs["appearance_modes"] = appearance_modes
     records = []
     for i in range(n_cases):
         case = f"liver_{i:03d}"

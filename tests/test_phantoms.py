@@ -408,13 +408,14 @@ def test_liver_lesion_types_selectable():
     assert kinds == {"t2_dark", "dwi_only"}
 
 
-def test_liver_appearance_sectors():
-    """With ``appearance_sectors``, lesions (cysts aside) take their T2WI / DWI contrast from the even sectors of the
-    contrast plane and mimics from the odd ones, the CE phases unchanged; shapes and places are those without it."""
-    n = 3
-    parity: dict[str, list[int]] = {"lesion": [], "mimic": []}
-    for i in range(10):
-        case = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3, appearance_sectors=n, noise=0.0,
+def test_liver_appearance_modes():
+    """With ``appearance_modes``, lesions (cysts aside) take their T2WI / DWI contrast along the even directions of
+    the contrast plane and mimics along the odd ones, the first mode of each class the most frequent, the CE phases
+    unchanged; shapes and places are those without it."""
+    n = 4
+    modes: dict[str, list[int]] = {"lesion": [], "mimic": []}
+    for i in range(12):
+        case = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3, appearance_modes=n, noise=0.0,
                                    misregistration=0.0)
         plain = phantoms.liver_case(i, seed=0, n_slices=8, max_mimics=3, noise=0.0, misregistration=0.0)
         assert np.array_equal(case["label"], plain["label"])
@@ -427,11 +428,10 @@ def test_liver_appearance_sectors():
             inner = ndimage.binary_erosion(mask, np.ones((5, 5, 1), bool))
             if inner.sum() < 20:
                 continue
-            t2, dwi = (np.median(case["images"][k][inner]) / np.median(case["images"][k][liver]) - 1
+            t2, dwi = (np.log(np.median(case["images"][k][inner]) / np.median(case["images"][k][liver]))
                        for k in ("t2w", "dwi"))
-            angle = np.arctan2(dwi / 0.35, t2 / 0.25) % (2 * np.pi)  # the default contrasts' units
-            sector = angle / (np.pi / n)
-            if abs(sector - round(sector)) > 0.15:  # not near a sector boundary
-                parity[kind].append(int(sector) % 2)
-    assert len(parity["lesion"]) >= 5 and len(parity["mimic"]) >= 5, parity
-    assert set(parity["lesion"]) == {0} and set(parity["mimic"]) == {1}, parity
+            angle = np.arctan2(dwi / 0.35, t2 / 0.25) % (2 * np.pi)  # in the default contrasts' units
+            modes[kind].append(int(angle / (np.pi / n)))  # direction k sits at (k + 0.5) pi / n
+    assert len(modes["lesion"]) >= 6 and len(modes["mimic"]) >= 6, modes
+    assert {k % 2 for k in modes["lesion"]} == {0} and {k % 2 for k in modes["mimic"]} == {1}, modes
+    assert modes["lesion"].count(0) > modes["lesion"].count(6) and modes["mimic"].count(1) > modes["mimic"].count(7)

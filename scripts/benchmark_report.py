@@ -154,36 +154,43 @@ def t_interval(differences: np.ndarray) -> tuple[float, float, float]:
     return mean, low, high
 
 
-def paired_differences(runs: list[dict], bundle: str) -> list[dict]:
-    """Per-seed paired Dice differences of the accuracy suite: each semi-supervised method against supervised
-    training, and the bundle's own method against the plain mean teacher, at 10 % and 20 % labels.
+def paired_differences(runs: list[dict], bundle: str, suite: str = "accuracy") -> list[dict]:
+    """Per-seed paired Dice differences. ``suite="accuracy"``: each semi-supervised method against supervised
+    training, and the bundle's own method against the plain mean teacher, at 10 % and 20 % labels;
+    ``"ablation"``: the bundle's own method against each ablation (at 10 %), so that a positive difference is what
+    the ablated part adds.
 
     Runs of one seed share the data, the split and the initialisation, so the difference of two methods within a
     seed is free of the seed-to-seed spread. Returns one dict per comparison with at least one common seed:
     ``ratio``, ``comparison`` (``"a - b"``), ``seeds``, ``differences`` (per seed), ``mean`` and the two-sided 95 %
     Student-t interval ``low`` / ``high`` (NaN below two seeds), and ``excludes_zero``.
     """
+    mine = [r for r in runs if r["bundle"] == bundle]
     dice = {(r["ratio"], r["method"], r["seed"]): r["metrics"].get(METRICS[bundle]["Dice"], float("nan"))
-            for r in runs if r["bundle"] == bundle and r["suite"] == "accuracy"}
+            for r in mine}
     own = OWN_METHOD[bundle]
+    if suite == "accuracy":
+        pairs = [(ratio, pair) for ratio in (10, 20) for pair in (("mean_teacher", "supervised"),
+                                                                  (own, "supervised"), (own, "mean_teacher"))]
+    else:
+        pairs = [(ba.ABLATION_RATIO, (own, v)) for v in sorted({r["method"] for r in mine if r["suite"] == "ablation"})]
     out = []
-    for ratio in (10, 20):
-        for a, b in (("mean_teacher", "supervised"), (own, "supervised"), (own, "mean_teacher")):
-            seeds = sorted(s for (r, m, s) in dice if r == ratio and m == a and (ratio, b, s) in dice)
-            if not seeds:
-                continue
-            diffs = np.array([dice[(ratio, a, s)] - dice[(ratio, b, s)] for s in seeds])
-            mean, low, high = t_interval(diffs)
-            out.append({"ratio": ratio, "comparison": f"{a} - {b}", "seeds": seeds, "differences": diffs.tolist(),
-                        "mean": mean, "low": low, "high": high,
-                        "excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0))})
+    for ratio, (a, b) in pairs:
+        seeds = sorted(s for (r, m, s) in dice if r == ratio and m == a and (ratio, b, s) in dice)
+        if not seeds:
+            continue
+        diffs = np.array([dice[(ratio, a, s)] - dice[(ratio, b, s)] for s in seeds])
+        mean, low, high = t_interval(diffs)
+        out.append({"ratio": ratio, "comparison": f"{a} - {b}", "seeds": seeds, "differences": diffs.tolist(),
+                    "mean": mean, "low": low, "high": high,
+                    "excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0))})
     return out
 
 
-def paired_table(runs: list[dict], bundle: str) -> str:
+def paired_table(runs: list[dict], bundle: str, suite: str = "accuracy") -> str:
     lines = ["| labels | comparison | seeds | per-seed difference | mean | 95 % interval | excludes 0 |",
              "|---|---|---|---|---|---|---|"]
-    for d in paired_differences(runs, bundle):
+    for d in paired_differences(runs, bundle, suite):
         interval = "n/a (one seed)" if not math.isfinite(d["low"]) else f"{d['low']:+.3f} to {d['high']:+.3f}"
         lines.append(f"| {d['ratio']} % | {d['comparison']} | {len(d['seeds'])} | "
                      f"{', '.join(f'{x:+.3f}' for x in d['differences'])} | {d['mean']:+.3f} | {interval} | "
@@ -404,7 +411,8 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         writer.writerows(rows)
     summary = {"profile": profile, "accuracy": rows,
                "gap_recovered": {b: gap_recovered(rows, b) for b in BUNDLES},
-               "paired_differences": {b: paired_differences(runs, b) for b in BUNDLES}}
+               "paired_differences": {b: paired_differences(runs, b) for b in BUNDLES},
+               "ablation_differences": {b: paired_differences(runs, b, "ablation") for b in BUNDLES}}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_dice(rows, Path(doc).parent / "benchmarks" / f"dice_vs_label_ratio_{profile}.png")
     plot_validation(runs, Path(doc).parent / "benchmarks" / f"validation_dice_{profile}.png")
@@ -415,7 +423,8 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         text = replace_block(text, f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
         text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
         text = replace_block(text, f"paired_{bundle}", head + "\n" + paired_table(runs, bundle))
-        text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle))
+        text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle) + "\n\n"
+                             + paired_table(runs, bundle, "ablation"))
     text = replace_block(text, "runtime", head + "\n" + runtime_table(runs))
     for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table),
                         ("profile", profile_table), ("profile_before", profile_table),

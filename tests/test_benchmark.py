@@ -75,6 +75,23 @@ def test_paired_differences_pair_seeds_and_give_an_interval():
     assert "n/a (one seed)" in table
 
 
+def test_ablation_differences_pair_the_own_method_with_each_ablation():
+    def run(suite, method, seed, dice):
+        return {"bundle": "ceds_mediastinum", "suite": suite, "ratio": 10, "method": method, "seed": seed,
+                "metrics": {"test_mean_dice": dice}}
+
+    runs = [run("accuracy", "ceds", s, 0.6 + 0.05 * s) for s in range(3)]
+    runs += [run("ablation", "random_mask", s, 0.55 + 0.05 * s + 0.01 * (s == 2)) for s in range(3)]
+    runs += [run("ablation", "probability_mask", 1, 0.7), run("accuracy", "supervised", 0, 0.1)]
+    got = {d["comparison"]: d for d in benchmark_report.paired_differences(runs, "ceds_mediastinum", "ablation")}
+    assert set(got) == {"ceds - random_mask", "ceds - probability_mask"}  # accuracy pairs stay out
+    assert got["ceds - random_mask"]["differences"] == pytest.approx([0.05, 0.05, 0.04])
+    assert got["ceds - random_mask"]["excludes_zero"]
+    assert got["ceds - probability_mask"]["seeds"] == [1] and not got["ceds - probability_mask"]["excludes_zero"]
+    assert "| 10 % | ceds - random_mask | 3 | +0.050, +0.050, +0.040 |" in benchmark_report.paired_table(
+        runs, "ceds_mediastinum", "ablation")
+
+
 def test_runtime_table_counts_a_shared_teacher_once():
     def run(suite, method, train, teacher=None):
         seconds = {"train": train, "evaluate": 60, **({"teacher": teacher} if teacher else {})}

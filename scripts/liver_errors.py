@@ -79,27 +79,29 @@ def air_mask(t2w: np.ndarray, organs: np.ndarray, air_filter: int = 3) -> np.nda
     return np.isin(components, border[border > 0]) & (organs == 0)
 
 
-def lesion_scores(pred: np.ndarray, masks: np.ndarray, kinds: list[str]) -> list[dict]:
+def lesion_scores(pred: np.ndarray, masks: np.ndarray, kinds: list[str], modes: list[int | None]) -> list[dict]:
     """Per-lesion detection: voxels, detected voxels, fraction detected and Dice against the local prediction.
 
     Args:
         pred: bool prediction ``[X, Y, Z]``.
         masks: bool ``[N, X, Y, Z]``, one mask per lesion.
         kinds: the N lesion types.
+        modes: the N lesions' appearance modes (``phantoms.liver_case``'s ``lesion_modes``; ``None``: none).
 
     Returns:
-        one dict per lesion (``type``, ``voxels``, ``detected``, ``fraction_detected``, ``predicted_local``,
-        ``dice``); ``fraction_detected`` and ``dice`` are ``None`` for a lesion left with no voxel by resampling.
+        one dict per lesion (``type``, ``mode``, ``voxels``, ``detected``, ``fraction_detected``,
+        ``predicted_local``, ``dice``); ``fraction_detected`` and ``dice`` are ``None`` for a lesion left with no
+        voxel by resampling.
     """
     components, _ = ndimage.label(pred)
     scores = []
-    for mask, kind in zip(masks, kinds):
+    for mask, kind, mode in zip(masks, kinds, modes):
         voxels, detected = int(mask.sum()), int((mask & pred).sum())
         touching = np.unique(components[mask & pred])
         local = np.isin(components, touching[touching > 0])
         predicted_local = int(local.sum())
         scores.append({
-            "type": kind, "voxels": voxels, "detected": detected,
+            "type": kind, "mode": mode, "voxels": voxels, "detected": detected,
             "fraction_detected": detected / voxels if voxels else None, "predicted_local": predicted_local,
             "dice": 2 * detected / (voxels + predicted_local) if voxels else None,
         })
@@ -179,6 +181,22 @@ def unlabelled_volumes(datalist: str, keys: list[str], pixdim: list[float], case
         yield preprocess({**{k: record[k] for k in keys}, "label": str(label)})
 
 
+def modes_summary(cases: list[dict]) -> dict[int, dict]:
+    """Per appearance mode (phantoms with ``appearance_modes``): the count and mean fraction detected of its lesions
+    and the count and mean fraction called tumour of its mimics (rounded to 3 decimals; ``None`` when it has none);
+    empty without modes."""
+    lesions = [s for c in cases for s in c["lesions"] if s.get("mode") is not None and s["voxels"]]
+    mimics = [m for c in cases for m in c.get("mimics", []) if m["mode"] is not None and m["voxels"]]
+    out = {}
+    for mode in sorted({s["mode"] for s in lesions} | {m["mode"] for m in mimics}):
+        own = [s["fraction_detected"] for s in lesions if s["mode"] == mode]
+        benign = [m["called_tumour"] / m["voxels"] for m in mimics if m["mode"] == mode]
+        out[mode] = {"lesions": len(own), "lesion_fraction_detected": round(float(np.mean(own)), 3) if own else None,
+                     "mimics": len(benign),
+                     "mimic_fraction_called_tumour": round(float(np.mean(benign)), 3) if benign else None}
+    return out
+
+
 def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str | None = "configs/cpu_demo.json",
          teacher: bool = False, padding_mode: str | None = None, air_filter: int = 3, out: str | None = None) -> None:
     """Per-case, per-lesion and pooled voxel errors of ``checkpoint`` on ``split`` of ``datalist``.
@@ -201,9 +219,10 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     Returns:
         None. Prints one line per case and the pooled counts; ``out`` gets ``{"cases": [...], "pooled": {...}}``
         with per case Dice, voxel counts (``label_voxels``, ``tp``, ``fp``, ``fn``), ``fp_by_organ``, ``fp_air``
-        and ``lesions`` (see :func:`lesion_scores`), and pooled the sums of the counts, the pooled and mean case
-        Dice and, per lesion type, ``count``, ``mean_fraction_detected``, ``mean_dice`` (over lesions that kept
-        voxels), ``voxels`` and ``detected``.
+        and ``lesions`` (see :func:`lesion_scores`), ``mimics`` (per mimic: ``mode``, ``voxels``,
+        ``called_tumour``), and pooled the sums of the counts, the pooled and mean case Dice, per lesion type
+        ``count``, ``mean_fraction_detected``, ``mean_dice`` (over lesions that kept voxels), ``voxels`` and
+        ``detected``, and ``by_mode`` (:func:`modes_summary`).
     """
     from monai.data import MetaTensor
     from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
@@ -236,7 +255,9 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
         generated = regenerate(record, generator)
         data = load({k: record[k] for k in file_keys})
         mimics = np.any([generated["label"] < 0, *generated["mimic_masks"]], axis=0)  # benign T2WI-bright foci
-        masks = np.stack([generated["label"] > 0, mimics, *generated["lesion_masks"]]).astype(np.uint8)
+        masks = np.stack([generated["label"] > 0, mimics, *generated["lesion_masks"], *generated["mimic_masks"]])
+        masks = masks.astype(np.uint8)
+        n_lesions = len(generated["lesion_masks"])
         data["lesions"] = MetaTensor(torch.from_numpy(masks), meta=dict(data["label"].meta))
         data = spatial(data)
         t2w = data["image"][0].numpy().copy()  # raw (resampled) T2WI, before the input's normalisation
@@ -257,7 +278,10 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
             "fp_by_organ": {name: int((false_pos & (organs == i)).sum()) for i, name in ORGANS.items()},
             "fp_air": int((false_pos & air).sum()), "air_voxels": int(air.sum()),
             "fp_mimic": int((false_pos & lesions[1]).sum()), "mimic_voxels": int(lesions[1].sum()),
-            "lesions": lesion_scores(pred, lesions[2:], generated["lesions"]),
+            "lesions": lesion_scores(pred, lesions[2:2 + n_lesions], generated["lesions"],
+                                     generated["lesion_modes"]),
+            "mimics": [{"mode": mode, "voxels": int(m.sum()), "called_tumour": int((m & pred).sum())}
+                       for m, mode in zip(lesions[2 + n_lesions:], generated["mimic_modes"])],
         }
         cases.append(c)
         for k in pooled:
@@ -282,6 +306,7 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
             "voxels": sum(s["voxels"] for s in scored), "detected": sum(s["detected"] for s in scored),
         }
     pooled["lesions_by_type"] = by_type
+    pooled["by_mode"] = by_mode = modes_summary(cases)
     print(f"mean case Dice {pooled['mean_case_dice'] or 0:.3f}; pooled: Dice {pooled['dice']:.3f}, missed "
           f"{pooled['fn']}, false positive {pooled['fp']} voxels "
           f"({', '.join(f'{k} {v}' for k, v in pooled['fp_by_organ'].items() if v)}; air {pooled['fp_air']}; "
@@ -289,6 +314,10 @@ def main(checkpoint: str, datalist: str, split: str = "validation", overlay: str
     print("lesions detected (mean fraction / mean lesion Dice, count): " + ", ".join(
         f"{k} {v['mean_fraction_detected']:.3f} / {v['mean_dice']:.3f} ({v['count']})" if v["count"] else f"{k} - (0)"
         for k, v in by_type.items()))
+    if by_mode:
+        print("by appearance mode (lesions: mean fraction detected; mimics: mean fraction called tumour; count): "
+              + ", ".join(f"{m} lesions {v['lesion_fraction_detected']} ({v['lesions']}), mimics "
+                          f"{v['mimic_fraction_called_tumour']} ({v['mimics']})" for m, v in by_mode.items()))
     result = {"checkpoint": checkpoint, "datalist": datalist, "split": split, "teacher": teacher,
               "input_key": input_key, "padding_mode": inferer.padding_mode, "air_filter": air_filter,
               "cases": cases, "pooled": pooled}

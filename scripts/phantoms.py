@@ -390,7 +390,9 @@ def liver_case(
         dict with ``images`` {sequence: float32 [size, size, n_slices]}, ``label`` (uint8 0/1), ``organs`` (uint8),
         ``affine`` (4x4), ``dwi_shift`` (in-plane voxels), ``lesions`` (list of lesion types) and ``lesion_masks``
         (list of bool [size, size, n_slices], one per entry of ``lesions``, same order; lesions may overlap, their
-        union is ``label``; not written to disk, for per-lesion analyses such as ``scripts/liver_errors.py``).
+        union is ``label``; not written to disk, for per-lesion analyses such as ``scripts/liver_errors.py``),
+        ``mimic_masks`` and ``mimics`` (kinds) likewise, and with ``appearance_modes`` the mode of each lesion and
+        mimic, ``lesion_modes`` / ``mimic_modes`` (``None`` without modes, and for a cyst with ``cyst_like_fluid``).
     """
     rng = case_rng(seed, index, 1)
     shape = (size, size, n_slices)
@@ -427,11 +429,14 @@ def liver_case(
 
     # with appearance_modes, the T2WI / DWI contrast of every lesion (cysts with cyst_like_fluid aside) and mimic
     # is a direction of the (T2WI, DWI) plane, from a stream of its own so that shapes and places stay as without
-    directions = None
+    directions, modes = None, ([None] * len(kinds), [None] * len(mimics))
     if appearance_modes > 0:
         mode_rng = case_rng(seed, index, 3)
-        directions = ([_mode_direction(mode_rng, appearance_modes, True) for _ in kinds],
-                      [_mode_direction(mode_rng, appearance_modes, False) for _ in mimics])
+        modes = ([_appearance_mode(mode_rng, appearance_modes) for _ in kinds],
+                 [_appearance_mode(mode_rng, appearance_modes) for _ in mimics])
+        directions = ([_mode_direction(j, appearance_modes, True) for j in modes[0]],
+                      [_mode_direction(j, appearance_modes, False) for j in modes[1]])
+        modes = ([None if k == "cyst" and cyst_like_fluid else j for j, k in zip(modes[0], kinds)], modes[1])
 
     # clean signals per sequence: tissue lookup, parenchymal texture, lesions, partial-volume blur
     texture = smooth_noise(rng, shape, (3.0, 3.0, 1.0))
@@ -470,7 +475,7 @@ def liver_case(
         images[name] = np.round(1000.0 * np.sqrt(real**2 + imag**2)).astype(np.float32)  # integer-valued, as scanners
     return {"images": images, "label": label, "organs": organs, "affine": affine, "dwi_shift": shift, "lesions": kinds,
             "lesion_masks": [mask for mask, _ in lesion_voxels], "mimic_masks": [m[0] for m in mimics],
-            "mimics": [m[2] for m in mimics]}
+            "mimics": [m[2] for m in mimics], "lesion_modes": modes[0], "mimic_modes": modes[1]}
 
 
 def _random_blob(
@@ -536,12 +541,16 @@ def _mimics(
     return out
 
 
-def _mode_direction(rng: np.random.Generator, modes: int, tumour: bool) -> tuple[float, float]:
-    """A unit direction ``(cos, sin)`` in the (T2WI, DWI) contrast plane for ``appearance_modes``: ``2 * modes``
-    directions evenly spread, tumour modes at the even ones, benign modes at the odd ones, mode ``j`` of a class
-    drawn with a frequency proportional to ``MODE_FREQUENCY_RATIO ** j``."""
+def _appearance_mode(rng: np.random.Generator, modes: int) -> int:
+    """A mode ``j`` of ``0 .. modes - 1`` for ``appearance_modes``, drawn with a frequency proportional to
+    ``MODE_FREQUENCY_RATIO ** j``."""
     weights = MODE_FREQUENCY_RATIO ** np.arange(modes)
-    j = int(rng.choice(modes, p=weights / weights.sum()))
+    return int(rng.choice(modes, p=weights / weights.sum()))
+
+
+def _mode_direction(j: int, modes: int, tumour: bool) -> tuple[float, float]:
+    """The unit direction ``(cos, sin)`` of mode ``j`` in the (T2WI, DWI) log-contrast plane: ``2 * modes``
+    directions evenly spread, tumour modes at the even ones, benign modes at the odd ones."""
     theta = (2 * j + (0.5 if tumour else 1.5)) * np.pi / modes
     return float(np.cos(theta)), float(np.sin(theta))
 

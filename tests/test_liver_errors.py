@@ -69,6 +69,20 @@ def test_all_tumour_model_misses_nothing(tmp_path, liver_data):
     pooled = result["pooled"]
     assert pooled["fn"] == 0 and 0 < pooled["fp_air"] <= pooled["fp"]
     assert all(row["mean_fraction_detected"] == 1.0 for row in pooled["lesions_by_type"].values() if row["count"])
+    assert all(m["called_tumour"] == m["voxels"] for case in result["cases"] for m in case["mimics"])
+
+
+def test_modes_summary_scores_lesions_and_mimics_per_mode():
+    cases = [{"lesions": [{"mode": 0, "voxels": 10, "fraction_detected": 1.0},
+                          {"mode": 1, "voxels": 10, "fraction_detected": 0.2},
+                          {"mode": None, "voxels": 10, "fraction_detected": 0.5},  # a fluid-like cyst
+                          {"mode": 1, "voxels": 0, "fraction_detected": None}],  # lost to resampling
+              "mimics": [{"mode": 1, "voxels": 20, "called_tumour": 5}]},
+             {"lesions": [{"mode": 1, "voxels": 5, "fraction_detected": 0.4}], "mimics": []}]
+    assert liver_errors.modes_summary(cases) == {
+        0: {"lesions": 1, "lesion_fraction_detected": 1.0, "mimics": 0, "mimic_fraction_called_tumour": None},
+        1: {"lesions": 2, "lesion_fraction_detected": 0.3, "mimics": 1, "mimic_fraction_called_tumour": 0.25}}
+    assert liver_errors.modes_summary([{"lesions": [{"mode": None, "voxels": 3, "fraction_detected": 1.0}]}]) == {}
 
 
 def test_all_background_teacher_detects_nothing(tmp_path, liver_data):

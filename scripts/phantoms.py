@@ -63,8 +63,8 @@ MIMIC_TYPES = {
 ADDED_ARGUMENTS = ("appearance_modes",)
 # with ``appearance_modes``: the length of a lesion's or mimic's (T2WI, DWI) log-contrast direction (the signal is
 # the liver's times ``exp(length * direction)``, so that darker and brighter modes are alike), in units of
-# ``t2_contrast`` / ``dwi_contrast`` times its conspicuity factor (an HCC-like lesion is about 1 along both axes), and the
-# ratio of the frequencies of consecutive modes of a class (the first mode the most frequent)
+# ``t2_contrast`` / ``dwi_contrast`` times its conspicuity factor, and the ratio of the frequencies of consecutive
+# modes of a class (the first mode the most frequent)
 MODE_CONTRAST = 2.0
 MODE_FREQUENCY_RATIO = 0.5
 

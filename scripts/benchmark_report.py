@@ -423,8 +423,9 @@ def report(profile: str = "cpu", doc: str = str(DOCS / "benchmarks.md"), results
         text = replace_block(text, f"accuracy_{bundle}", head + "\n" + accuracy_table(rows, bundle))
         text = replace_block(text, f"gap_{bundle}", head + "\n" + gap_table(rows, bundle))
         text = replace_block(text, f"paired_{bundle}", head + "\n" + paired_table(runs, bundle))
-        text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle) + "\n\n"
-                             + paired_table(runs, bundle, "ablation"))
+        differences = paired_table(runs, bundle, "ablation") if paired_differences(runs, bundle, "ablation") else ""
+        text = replace_block(text, f"ablation_{bundle}", head + "\n" + ablation_table(rows, bundle)
+                             + ("\n\n" + differences if differences else ""))
     text = replace_block(text, "runtime", head + "\n" + runtime_table(runs))
     for name, table in (("scan", scan_table), ("iteration", iteration_table), ("inference", inference_table),
                         ("profile", profile_table), ("profile_before", profile_table),

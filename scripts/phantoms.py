@@ -21,6 +21,7 @@ Command line (python-fire)::
     python scripts/phantoms.py liver_mri --out_dir D --n_cases 24 --seed 0
     python scripts/phantoms.py mediastinal_ct --out_dir D --n_cases 24 --seed 0
     python scripts/phantoms.py datalist --data_dir D --label_ratio 0.1
+    python scripts/phantoms.py appearance_modes_by_split D/datalist_10.json
 """
 
 from __future__ import annotations
@@ -1043,5 +1044,34 @@ def datalist(
     return str(path)
 
 
+def appearance_modes_by_split(datalist_path: str) -> dict[str, dict[str, dict[str, int]]]:
+    """How many lesions and mimics of each appearance mode each split of a liver datalist holds (``liver_mri`` with
+    ``appearance_modes``), the cases regenerated from the ``generator`` entry of the ``dataset.json`` next to it.
+
+    Args:
+        datalist_path: a ``datalist_<pct>.json`` written by :func:`datalist`.
+
+    Returns:
+        ``{split: {"lesions": {mode: count}, "mimics": {mode: count}}}``, modes as strings, a cyst with
+        ``cyst_like_fluid`` counted as ``"fluid"``; also printed, one line per split.
+    """
+    path = Path(datalist_path)
+    generator = dict(json.loads((path.parent / "dataset.json").read_text())["generator"])
+    seed = generator.pop("seed")
+    out = {}
+    for split, records in json.loads(path.read_text()).items():
+        counts: dict[str, dict[str, int]] = {"lesions": {}, "mimics": {}}
+        for record in records:
+            case = liver_case(int(str(record["case"]).rsplit("_", 1)[1]), seed=seed, **generator)
+            for kind, modes in (("lesions", case["lesion_modes"]), ("mimics", case["mimic_modes"])):
+                for mode in modes:
+                    key = "fluid" if mode is None else str(mode)
+                    counts[kind][key] = counts[kind].get(key, 0) + 1
+        out[split] = {k: dict(sorted(v.items())) for k, v in counts.items()}
+        print(f"{split} ({len(records)} volumes): lesions {out[split]['lesions']}, mimics {out[split]['mimics']}")
+    return out
+
+
 if __name__ == "__main__":
-    fire.Fire({"liver_mri": liver_mri, "mediastinal_ct": mediastinal_ct, "datalist": datalist})
+    fire.Fire({"liver_mri": liver_mri, "mediastinal_ct": mediastinal_ct, "datalist": datalist,
+               "appearance_modes_by_split": appearance_modes_by_split})

@@ -435,3 +435,19 @@ def test_liver_appearance_modes():
     assert len(modes["lesion"]) >= 6 and len(modes["mimic"]) >= 6, modes
     assert {k % 2 for k in modes["lesion"]} == {0} and {k % 2 for k in modes["mimic"]} == {1}, modes
     assert modes["lesion"].count(0) > modes["lesion"].count(6) and modes["mimic"].count(1) > modes["mimic"].count(7)
+
+
+def test_appearance_modes_by_split(tmp_path):
+    """Every lesion and mimic of every split is counted once, under its mode (cysts as fluid)."""
+    phantoms.liver_mri(str(tmp_path), n_cases=6, size=48, n_slices=6, max_mimics=3, appearance_modes=4)
+    path = phantoms.datalist(str(tmp_path), label_ratio=0.5, test_fraction=0.34, val_fraction=0.17)
+    got = phantoms.appearance_modes_by_split(path)
+    split = json.loads(Path(path).read_text())
+    assert set(got) == set(split)
+    for name, records in split.items():
+        cases = [phantoms.liver_case(int(r["case"][-3:]), seed=0, size=48, n_slices=6, max_mimics=3,
+                                     appearance_modes=4) for r in records]
+        assert sum(got[name]["lesions"].values()) == sum(len(c["lesions"]) for c in cases)
+        assert sum(got[name]["mimics"].values()) == sum(len(c["mimic_masks"]) for c in cases)
+        assert got[name]["lesions"].get("fluid", 0) == sum(c["lesions"].count("cyst") for c in cases)
+        assert set(got[name]["mimics"]) <= {"0", "1", "2", "3"}

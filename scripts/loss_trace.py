@@ -36,6 +36,10 @@ SCENARIOS: dict[str, tuple[str, str, str, dict]] = {
                           {**_LIVER_NO_TEACHER, "consistency_weight": 1.0, "consistency_rampup": 0.0}),
     "liver_teacher": ("cdugjl_liver", "train.json+train_teacher.json", "datalist_20.json", {}),
     "liver_cdugjl": ("cdugjl_liver", "train.json", "datalist_20.json", {"consistency_rampup": 0.0}),
+    # distillation heads whose initial values do not depend on where in the RNG stream they are drawn (identity
+    # feature projections, no region head), so that a change of construction order keeps this trace
+    "liver_cdugjl_identity_heads": ("cdugjl_liver", "train.json", "datalist_20.json",
+                                    {"consistency_rampup": 0.0, "contrast_embed_dim": 0}),
     "ceds_supervised": ("ceds_mediastinum", "train.json", "datalist_20.json", {"mode": "supervised"}),
     "ceds_mean_teacher": ("ceds_mediastinum", "train.json", "datalist_20.json",
                           {**_CEDS_SCHEDULE, "mode": "mean_teacher"}),

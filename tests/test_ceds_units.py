@@ -480,7 +480,7 @@ def test_student_sees_labelled_patches_as_in_supervised_training(trainer_mod, lo
         return [m.running_mean.clone() for m in norms]
 
     start = running()
-    labelled, unlabelled_out = trainer.run_student(image, unlabelled, semi)
+    labelled, unlabelled_out = trainer.run_student(image, unlabelled, None, semi)
     after_student = running()
     for m, mean in zip(norms, start):
         m.running_mean.copy_(mean)

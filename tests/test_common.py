@@ -234,8 +234,8 @@ SHARED_KEYS = {
     "": ["datalist", "dataset_dir", "device", "seed", "epochs", "epoch_length", "val_interval", "checkpoint_interval",
          "batch_size", "unlabeled_batch_size", "num_samples", "roi_size", "pixdim", "channels", "learning_rate",
          "weight_decay", "ema_decay", "consistency_weight", "consistency_rampup", "grad_share_interval", "ckpt_dir",
-         "model_dir", "output_dir", "resume", "resume_checkpoint", "network_def", "network", "ema_network", "seg_loss",
-         "loss_def", "loss", "optimizer", "lr_scheduler", "checkpoint", "train", "validate"],
+         "model_dir", "output_dir", "resume", "resume_checkpoint", "network_def", "network", "student_def", "student",
+         "ema_network", "seg_loss", "loss_def", "loss", "optimizer", "lr_scheduler", "checkpoint", "train", "validate"],
     "train": ["deterministic_transforms", "random_transforms", "preprocessing", "dataset", "dataloader", "unlabeled",
               "inferer", "loss_terms", "handlers", "checkpoint_saver", "resume_loader", "trainer"],
     "train#unlabeled": ["random_transforms", "preprocessing", "records", "dataset", "stream"],
@@ -246,8 +246,9 @@ SHARED_KEYS = {
 
 def test_both_bundles_name_the_same_concepts_alike():
     """One config contract: the keys a maintainer (and MONAI Label, the benchmark tools) reaches for exist under the
-    same name in both bundles' ``train.json`` and ``inference.json``, and ``loss`` is ``loss_def`` on the device as
-    ``network`` is ``network_def``."""
+    same name in both bundles' ``train.json`` and ``inference.json``; ``loss`` is ``loss_def`` on the device as
+    ``network`` is ``network_def`` and ``student`` is ``student_def``; the trainer trains ``student`` (which both
+    ``multi_gpu_train.json`` wrap in DDP alike) and the evaluator validates ``network``, the served model."""
     for bundle in ("ceds_mediastinum", "cdugjl_liver"):
         config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
         for section, keys in SHARED_KEYS.items():
@@ -258,11 +259,17 @@ def test_both_bundles_name_the_same_concepts_alike():
             assert not missing, f"{bundle}: {section or 'top level'} lacks {missing}"
         assert config["loss"] == "$@loss_def.to(@device)", bundle
         assert config["network"].startswith("$@network_def.to(@device"), bundle
+        assert config["student"] == "$@student_def.to(@device)", bundle
+        assert config["train"]["trainer"]["network"] == "@student", bundle
+        assert config["validate"]["evaluator"]["network"] == "@network", bundle
         inference = json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text())
         shared = ("network_def", "network", "preprocessing", "inferer", "postprocessing", "evaluator", "output_dir",
                   "modality_suffixes", "output_postfix", "sw_batch_size", "num_workers")
         assert not [k for k in shared if k not in inference], bundle
         assert inference["output_postfix"] == "seg", bundle
+    ddp = [json.loads((BUNDLES / b / "configs" / "multi_gpu_train.json").read_text())["student"]
+           for b in ("ceds_mediastinum", "cdugjl_liver")]
+    assert ddp[0] == ddp[1] and ddp[0]["_target_"].endswith("DistributedDataParallel"), "one DDP strategy"
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)

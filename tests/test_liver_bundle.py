@@ -127,7 +127,7 @@ def test_teacher_and_student_checkpoints(trained):
     assert dice is not None and 0.0 <= dice <= 1.0
     assert "teacher validation Dice" in (trained / "student.log").read_text()
     checkpoint = torch.load(trained / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert {"model", "loss", "ema", "optimizer", "lr_scheduler"} <= set(checkpoint)
+    assert {"model", "heads", "ema", "optimizer", "lr_scheduler"} <= set(checkpoint)
     # model.pt is the network the run ended with
     for key, value in torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True).items():
         assert torch.equal(value, checkpoint["model"][key]), key
@@ -250,7 +250,8 @@ def _torchrun() -> list[str]:
 
 @pytest.mark.integration
 def test_multi_gpu_config_two_cpu_processes_with_teacher(trained, liver_data, tmp_path):
-    """``multi_gpu_train.json`` with every term on: two gloo processes, the loss's heads kept in sync, one model.pt."""
+    """``multi_gpu_train.json`` with every term on: two gloo processes, the student's distillation heads in the one
+    DDP module, one model.pt."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     (ckpt_dir / "teacher").mkdir()
@@ -268,4 +269,5 @@ def test_multi_gpu_config_two_cpu_processes_with_teacher(trained, liver_data, tm
     state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
     assert state and not any(k.startswith("module.") for k in state)
     checkpoint = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert not any(k.startswith("module.") for k in checkpoint["model"]) and checkpoint["loss"]
+    assert not any(k.startswith("module.") for k in checkpoint["model"]) and checkpoint["heads"]
+    assert not any(k.startswith("module.") for k in checkpoint["heads"])

@@ -46,25 +46,28 @@ def _features(seed: int = 0, channels=(4, 6, 8, 8, 8), size: int = 32) -> list[t
 
 def test_identical_teacher_and_student_give_zero_distillation(distillation):
     feats = _features()
-    loss = distillation.FeatureDistillationLoss([4, 6, 8, 8, 8], stages=(1, 2, 3, 4))
-    attention, feature = loss(feats, [f.clone() for f in feats])
+    projections = distillation.FeatureProjections([4, 6, 8, 8, 8], stages=(1, 2, 3, 4))
+    loss = distillation.FeatureDistillationLoss(stages=(1, 2, 3, 4))
+    attention, feature = loss(feats, [f.clone() for f in feats], projections(feats))
     assert attention.item() == pytest.approx(0.0, abs=1e-7)
     assert feature.item() == pytest.approx(0.0, abs=1e-6)
-    attention, feature = loss(feats, _features(seed=1))
+    attention, feature = loss(feats, _features(seed=1), projections(feats))
     assert attention.item() > 1e-3 and feature.item() > 1e-2
 
 
 def test_feature_distillation_zero_vectors_and_gradients(distillation):
     feats = [torch.relu(f) for f in _features()]
     feats[2][:, :, :4] = 0  # all-zero feature vectors (ReLU) must not count as mismatched
-    loss = distillation.FeatureDistillationLoss([4, 6, 8, 8, 8], stages=(2,))
-    attention, feature = loss(feats, [f.clone() for f in feats])
+    projections = distillation.FeatureProjections([4, 6, 8, 8, 8], stages=(2,))
+    loss = distillation.FeatureDistillationLoss(stages=(2,))
+    attention, feature = loss(feats, [f.clone() for f in feats], projections(feats))
     assert attention.item() == pytest.approx(0.0, abs=1e-7) and feature.item() == pytest.approx(0.0, abs=1e-6)
+    assert not list(loss.parameters())
     student = [f.clone().requires_grad_(True) for f in _features(seed=3)]
-    attention, feature = loss(student, feats)
+    attention, feature = loss(student, feats, projections(student))
     (attention + feature).backward()
     assert student[2].grad.abs().sum() > 0 and student[1].grad is None  # only the listed stage
-    assert all(p.grad is not None for p in loss.projections.parameters())
+    assert all(p.grad is not None for p in projections.parameters())
 
 
 def test_attention_map_is_normalised(distillation):
@@ -174,36 +177,39 @@ def test_contrast_head_cannot_empty_the_term(distillation):
     teacher = sum((regions[:, None] == r) * directions[r][None, :, None, None] for r in range(3)).float()
     teacher = teacher + 0.05 * torch.randn_like(teacher)
     student = teacher + 0.5 * torch.randn_like(teacher)
-    loss = distillation.RegionContrastiveLoss(32, stage=0, embed_dim=64)
-    assert all(name.startswith("student_head") for name, _ in loss.named_parameters())
-    optimiser = torch.optim.Adam(loss.parameters(), 1e-3)
+    head = distillation.RegionHead(32, stage=0, embed_dim=64)
+    loss = distillation.RegionContrastiveLoss(stage=0)
+    assert not list(loss.parameters())
+    optimiser = torch.optim.Adam(head.parameters(), 1e-3)
     for _ in range(200):
-        value = loss([student], [teacher], regions)
+        value = loss(*head([student], regions), [teacher], regions)
         optimiser.zero_grad()
         value.backward()
         optimiser.step()
     assert value.item() > 0.01
     with pytest.raises(ValueError, match="equal widths"):
-        distillation.RegionContrastiveLoss(32, 16, embed_dim=0)
+        distillation.RegionHead(32, 16, embed_dim=0)
 
 
 def test_swapping_regions_raises_the_contrastive_loss(distillation):
     torch.manual_seed(0)
     features, regions = _region_batch()
-    loss = distillation.RegionContrastiveLoss(3, stage=0, embed_dim=0, temperature=0.1)
-    right = loss([features], [features], regions)
+    head = distillation.RegionHead(3, stage=0, embed_dim=0)
+    loss = distillation.RegionContrastiveLoss(stage=0, temperature=0.1)
+    right = loss(*head([features], regions), [features], regions)
     swapped_regions = regions.clone()
     swapped_regions[regions == 1], swapped_regions[regions == 2] = 2, 1  # tumour <-> liver for the student
-    wrong = loss([features], [features], swapped_regions, regions)
+    wrong = loss(*head([features], swapped_regions), [features], regions)
     assert wrong.item() > right.item() + 0.1
     assert right.item() < 0.01
 
 
 def test_contrast_pools_downsampled_features(distillation):
     features, regions = _region_batch()
-    loss = distillation.RegionContrastiveLoss(3, stage=1, embed_dim=0, temperature=0.1)
+    head = distillation.RegionHead(3, stage=1, embed_dim=0)
+    loss = distillation.RegionContrastiveLoss(stage=1, temperature=0.1)
     coarse = torch.nn.functional.avg_pool2d(features, 2)  # the stage-1 map of a 2x smaller resolution
-    assert loss([features, coarse], [features, coarse], regions).item() < 0.5
+    assert loss(*head([features, coarse], regions), [features, coarse], regions).item() < 0.5
 
 
 def test_load_teacher(distillation, tmp_path):
@@ -328,20 +334,39 @@ def _progress(fraction: float):
 def _loss(losses, distillation, **weights):
     kwargs = {**WEIGHTS, "consistency_weight": 0.1, "edge_weight": 0.1, **weights}
     return losses.CdUgJLLoss(
-        distillation=distillation.FeatureDistillationLoss([4, 8, 8, 8, 8]),
-        contrast=distillation.RegionContrastiveLoss(8, stage=2, embed_dim=0),
+        distillation=distillation.FeatureDistillationLoss(),
+        contrast=distillation.RegionContrastiveLoss(stage=2),
         consistency_rampup=0.5,
         **kwargs,
     )
 
 
+def _student(network):
+    """The tiny network with identity distillation heads (:class:`scripts.student.DistillationStudent`)."""
+    distillation = bundle_module("cdugjl_liver", "distillation")
+    return bundle_module("cdugjl_liver", "student").DistillationStudent(
+        network, distillation.FeatureProjections([4, 8, 8, 8, 8]), distillation.RegionHead(8, stage=2, embed_dim=0))
+
+
+def _teacher_outputs(teacher, x, targets=None):
+    """The CE teacher's outputs on ``x`` with the regions of :meth:`CdUgJLTrainer.run_teacher`: from the label
+    (``targets``) for labelled slices, from the teacher's prediction otherwise."""
+    distillation = bundle_module("cdugjl_liver", "distillation")
+    outputs = teacher.forward_all(x)
+    if targets is not None:
+        return {**outputs, "regions": distillation.region_map(targets["label"], targets["organs"])}
+    return {**outputs, "regions": distillation.teacher_region_map(outputs["alpha"])}
+
+
 def test_semi_supervised_loss_identical_teacher(losses, distillation):
     """A teacher identical to the student (same weights, same input) gives zero attention, feature and KL terms."""
     net = _tiny_net(2).train()
+    student = _student(net).train()
     x_l, x_u = torch.randn(2, 2, 32, 32), torch.randn(2, 2, 32, 32)
-    outputs, unlabelled = net(x_l), net(x_u)
     with torch.no_grad():
-        teacher = {"labelled": net.forward_all(x_l), "unlabelled": net.forward_all(x_u)}
+        teacher = {"labelled": _teacher_outputs(net, x_l, _targets(2)), "unlabelled": _teacher_outputs(net, x_u)}
+    outputs = student(x_l, project=True, regions=teacher["labelled"]["regions"])
+    unlabelled = student(x_u, project=True, regions=teacher["unlabelled"]["regions"])
     result = _loss(losses, distillation)(outputs, _targets(2), unlabelled, teacher, _progress(0.2))
     terms = {"seg", "quant", "edge", "attention", "feature", "distill_kl", "contrast"}
     assert set(result) == {"loss", "consistency_weight"} | {f"loss_{t}" for t in terms}
@@ -355,14 +380,16 @@ def test_semi_supervised_loss_identical_teacher(losses, distillation):
 def ssl_batch():
     """Student outputs on 2 labelled and 2 unlabelled slices, the CE teacher's on both and the EMA's, computed once."""
     net = _tiny_net(2).train()
-    outputs, unlabelled = net(torch.randn(2, 2, 32, 32)), net(torch.randn(2, 2, 32, 32))
+    student = _student(net).train()
     with torch.no_grad():
         ce_teacher = _tiny_net(3).eval()
         teacher = {
-            "labelled": ce_teacher.forward_all(torch.randn(2, 3, 32, 32)),
-            "unlabelled": ce_teacher.forward_all(torch.randn(2, 3, 32, 32)),
+            "labelled": _teacher_outputs(ce_teacher, torch.randn(2, 3, 32, 32), _targets(2)),
+            "unlabelled": _teacher_outputs(ce_teacher, torch.randn(2, 3, 32, 32)),
             "ema": net.forward_all(torch.randn(2, 2, 32, 32))["alpha"],
         }
+    outputs = student(torch.randn(2, 2, 32, 32), project=True, regions=teacher["labelled"]["regions"])
+    unlabelled = student(torch.randn(2, 2, 32, 32), project=True, regions=teacher["unlabelled"]["regions"])
     return outputs, _targets(2), unlabelled, teacher
 
 
@@ -425,12 +452,12 @@ class _Records(torch.utils.data.Dataset):
 
 def _liver_trainer(trainer, mean_teacher, loss, labelled, epochs=1, epoch_length=None, teacher=None, ema=True,
                    unlabelled=2, **kwargs):
-    student = _tiny_net(2)
+    student = _student(_tiny_net(2))
     stream = mean_teacher.UnlabeledStream(_Records(unlabelled), batch_size=2, shuffle=False)
     return trainer.CdUgJLTrainer(
         device="cpu", max_epochs=epochs, epoch_length=epoch_length, train_data_loader=labelled, network=student,
         optimizer=torch.optim.SGD(student.parameters(), lr=1e-3), loss_function=loss, unlabeled=stream,
-        teacher=teacher, ema=mean_teacher.ema_network(student) if ema else None,
+        teacher=teacher, ema=mean_teacher.ema_network(student.network) if ema else None,
         prepare_batch=trainer.MultiTaskPrepareBatch(), decollate=False, **kwargs,
     )
 
@@ -477,7 +504,7 @@ def test_student_passes_keep_strong_views_out_of_batch_norm(trainer, mean_teache
     labelled, strong = torch.randn(3, 2, 32, 32), 3.0 + 2.0 * torch.randn(2, 2, 32, 32)
     reference = copy.deepcopy(student)
     expected = reference(labelled)
-    outputs, unlabelled = engine.run_student(labelled, {"strong": strong}, _progress(0.0))
+    outputs, unlabelled = engine.run_student(labelled, {"strong": strong}, {}, _progress(0.0))
     # labelled slices: as a labelled-only pass, whatever the strong views are
     torch.testing.assert_close(outputs["alpha"], expected["alpha"])
     torch.testing.assert_close(outputs["features"][2], expected["features"][2])
@@ -490,22 +517,60 @@ def test_student_passes_keep_strong_views_out_of_batch_norm(trainer, mean_teache
         assert mine.track_running_stats and int(mine.num_batches_tracked) == 1
     # the unlabelled pass is part of the graph
     unlabelled["alpha"].sum().backward()
-    assert all(p.grad is not None for p in student.stem.parameters())
+    assert all(p.grad is not None for p in student.network.stem.parameters())
     # one shared pass: the strong views change the labelled slices
     engine.network = reference
     engine.separate_norm_statistics = False
-    shared, _ = engine.run_student(labelled, {"strong": strong}, _progress(0.0))
+    shared, _ = engine.run_student(labelled, {"strong": strong}, {}, _progress(0.0))
     assert not torch.allclose(shared["alpha"], expected["alpha"])
     # no unlabelled batch: one ordinary pass
-    shared_none, none = engine.run_student(labelled, None, _progress(0.0))
+    shared_none, none = engine.run_student(labelled, None, {}, _progress(0.0))
     assert none is None and shared_none["alpha"].shape[0] == 3
 
 
+def test_student_runs_the_distillation_heads_where_the_teacher_ran(trainer, mean_teacher, losses, distillation):
+    """The projections and the region head run inside the student's forward, for the slices the CE teacher saw and
+    over the teacher's regions (so that DDP, which wraps the student, sees them), and the loss moves them; in one
+    shared pass the rows the teacher did not see get no region."""
+    torch.manual_seed(0)
+    engine = _liver_trainer(trainer, mean_teacher, _loss(losses, distillation), [{}], teacher=_tiny_net(3).eval())
+    labelled, targets = torch.randn(2, 2, 32, 32), _targets(2)
+    unlabelled = {"image": torch.randn(2, 2, 32, 32), "strong": torch.randn(2, 2, 32, 32),
+                  "ce": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        teacher = engine.run_teacher(labelled, {**targets, "ce": torch.randn(2, 3, 32, 32)}, unlabelled, None)
+    torch.testing.assert_close(teacher["labelled"]["regions"], distillation.region_map(targets["label"],
+                                                                                         targets["organs"]))
+    torch.testing.assert_close(teacher["unlabelled"]["regions"],
+                               distillation.teacher_region_map(teacher["unlabelled"]["alpha"], 0.9))
+    outputs, unlabelled_outputs = engine.run_student(labelled, unlabelled, teacher, _progress(0.5))
+    student = engine.network
+    for out, seen in ((outputs, teacher["labelled"]), (unlabelled_outputs, teacher["unlabelled"])):
+        expected, valid = student.heads["region"](out["features"], seen["regions"])
+        torch.testing.assert_close(out["region_embeddings"], expected)
+        assert out["region_valid"].equal(valid) and len(out["projected"]) == 4
+    terms = engine.loss_function(outputs, targets, unlabelled_outputs, teacher, _progress(0.5))
+    terms["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.heads.parameters())
+    # without the teacher's regions: no heads; a student without heads refuses to be asked for them
+    plain, _ = engine.run_student(labelled, None, {}, _progress(0.5))
+    assert "projected" not in plain and "region_embeddings" not in plain
+    headless = bundle_module("cdugjl_liver", "student").DistillationStudent(_tiny_net(2)).train()
+    with pytest.raises(ValueError, match="no projections or region head"):
+        headless(labelled, project=True, regions=targets["label"][:, 0].long())
+    # one shared pass, the teacher on the unlabelled batch only: the labelled rows pool over no region
+    engine.separate_norm_statistics = False
+    shared, shared_unlabelled = engine.run_student(labelled, unlabelled, {"unlabelled": teacher["unlabelled"]},
+                                                   _progress(0.5))
+    assert not shared["region_valid"].any() and shared_unlabelled["region_valid"].equal(
+        unlabelled_outputs["region_valid"])
+
+
 @pytest.mark.parametrize("overlays", [[], ["train_teacher.json"]], ids=["student", "teacher"])
-def test_loss_goes_to_the_device_and_its_heads_are_optimised(overlays):
-    """``loss`` is ``loss_def`` on ``@device`` (as ``network`` is ``network_def``): the student's projection heads,
-    which the optimiser steps, live where the network's features are (a CUDA run would otherwise fail in the first
-    distillation term). The teacher's loss has no parameters."""
+def test_student_holds_every_trained_parameter(overlays):
+    """``student`` (what the trainer trains and ``multi_gpu_train.json`` wraps in DDP) holds the served network and
+    the distillation heads, all on ``@device`` and all optimised; the loss holds no parameter, so one DDP module
+    serves every trainable operation. The teacher run trains no heads."""
     from monai.bundle import ConfigParser
 
     bundle = BUNDLES / "cdugjl_liver"
@@ -514,15 +579,14 @@ def test_loss_goes_to_the_device_and_its_heads_are_optimised(overlays):
     parser.read_config([str(bundle / "configs" / c) for c in ("train.json", *overlays, "cpu_demo.json")])
     parser["bundle_root"] = str(bundle)
     parser["device"] = "$torch.device('meta')"
-    loss = parser.get_parsed_content("loss")
-    heads = list(loss.parameters())
-    assert loss is parser.get_parsed_content("loss_def")
-    if overlays:
-        assert not heads
-        return
-    assert heads and all(p.device.type == "meta" for p in heads)
-    optimised = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
-    assert {id(p) for p in heads} <= optimised
+    student = parser.get_parsed_content("student")
+    assert student is parser.get_parsed_content("student_def")
+    assert student.network is parser.get_parsed_content("network")
+    assert not list(parser.get_parsed_content("loss").parameters())
+    heads = list(student.heads.parameters())
+    assert bool(heads) != bool(overlays) and all(p.device.type == "meta" for p in student.parameters())
+    optimised = [p for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]]
+    assert [id(p) for p in optimised] == [id(p) for p in student.parameters()]
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -27,12 +27,13 @@ DATA = {"ceds_mediastinum": "ct_data", "cdugjl_liver": "liver_data"}
 # teacher, models/teacher/model.pt, written by train.json + train_teacher.json (multi_gpu_train.json overlays
 # train.json only)
 PREREQUISITES = {"cdugjl_liver": [["train.json", "train_teacher.json"]]}
-# what each rank saves when the run ends (before the process group goes): the parameters of the student and of the
-# loss (buffers such as batch-norm statistics are each rank's own)
+# what each rank saves when the run ends (before the process group goes): the parameters of the student, the one
+# module DDP wraps (the served network and, in the liver bundle, the distillation heads), and of the loss (none)
+# (buffers such as batch-norm statistics are each rank's own)
 RANK_STATES = {
     "finalize": [
         "$torch.save({part: {k: v.detach() for k, v in getattr(module, 'module', module).named_parameters()} for "
-        "part, module in [('network', @network), ('loss', @loss)]}, @output_dir + f'/rank{dist.get_rank()}.pt')",
+        "part, module in [('student', @student), ('loss', @loss)]}, @output_dir + f'/rank{dist.get_rank()}.pt')",
         "$dist.barrier()",
         "$dist.destroy_process_group()",
     ]
@@ -78,9 +79,10 @@ def test_torchrun_two_processes_one_epoch(name, request, tmp_path):
     assert state and all(not k.startswith("module.") for k in state), "model.pt must hold the unwrapped network"
 
     ranks = [torch.load(output_dir / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
-    for part in ("network", "loss"):
+    assert not ranks[0]["loss"], "every trainable parameter is the student's"
+    for part in ("student",):
         assert ranks[0][part].keys() == ranks[1][part].keys()
         differ = [k for k in ranks[0][part] if not torch.equal(ranks[0][part][k], ranks[1][part][k])]
         assert not differ, f"the ranks' {part} parameters diverged: {differ[:5]}"
     if name == "cdugjl_liver":
-        assert ranks[0]["loss"], "the liver loss has trainable heads"
+        assert any(k.startswith("heads.") for k in ranks[0]["student"]), "the liver student has distillation heads"

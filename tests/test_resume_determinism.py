@@ -1,7 +1,7 @@
 """Training faults and determinism of the bundles, through ``python -m monai.bundle run``.
 
 - Resume (both bundles): a training killed with SIGKILL in the middle of an epoch resumes from its last periodic
-  checkpoint (network, EMA teacher, optimisers, schedulers, the liver loss's trainable heads, trainer state) and
+  checkpoint (network, EMA teacher, optimisers, schedulers, the liver student's distillation heads, trainer state) and
   ends at the planned epoch count.
   The resumed run dumps, right after the checkpoint is restored (``Events.STARTED``), the state dicts of what it
   restored; they must equal the checkpoint exactly.
@@ -185,7 +185,7 @@ def test_ceds_resume_after_sigkill(tmp_path, ct_data):
 
 @pytest.mark.integration
 def test_liver_resume_after_sigkill(tmp_path, liver_data):
-    """The liver student (EMA consistency on), killed mid-epoch, resumes model, loss heads, EMA, optimiser,
+    """The liver student (EMA consistency on), killed mid-epoch, resumes model, distillation heads, EMA, optimiser,
     scheduler and trainer state from its periodic checkpoint and ends at the planned epoch."""
     epochs, length = 3, 6
     ckpt_dir = tmp_path / "models"
@@ -201,7 +201,8 @@ def test_liver_resume_after_sigkill(tmp_path, liver_data):
     resume_from.write_bytes((ckpt_dir / f"checkpoint_epoch={saved}.pt").read_bytes())
 
     probe = tmp_path / "restored.pt"
-    states = ("{'model': @network.state_dict(), 'loss': @loss.state_dict(), 'ema': @ema_network.state_dict(), "
+    states = ("{'model': @network.state_dict(), 'heads': @student_def.heads.state_dict(), "
+              "'ema': @ema_network.state_dict(), "
               "'optimizer': @optimizer.state_dict(), 'lr_scheduler': @lr_scheduler.state_dict(), "
               "'trainer': e.state_dict()}")
     overlay = restored_state_probe(tmp_path, probe, states)
@@ -213,8 +214,8 @@ def test_liver_resume_after_sigkill(tmp_path, liver_data):
 
     ckpt = torch.load(resume_from, map_location="cpu", weights_only=True)
     restored = torch.load(probe, map_location="cpu", weights_only=True)
-    assert set(ckpt) == set(restored) == {"model", "loss", "ema", "optimizer", "lr_scheduler", "trainer"}
-    for key in ("model", "loss", "ema", "optimizer", "lr_scheduler"):
+    assert set(ckpt) == set(restored) == {"model", "heads", "ema", "optimizer", "lr_scheduler", "trainer"}
+    for key in ("model", "heads", "ema", "optimizer", "lr_scheduler"):
         assert_same(ckpt[key], restored[key], key)
     assert_same(ckpt["trainer"], {**restored["trainer"], "max_epochs": ckpt["trainer"]["max_epochs"]}, "trainer")
     assert restored["trainer"]["iteration"] == saved * length and restored["trainer"]["max_epochs"] == epochs
@@ -272,5 +273,5 @@ def test_liver_same_seed_same_metrics(tmp_path, liver_data):
     assert logs[0] == logs[1]
     ckpt_a, ckpt_b = (torch.load(r / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
                       for r in runs)
-    for key in ("model", "ema", "loss", "optimizer"):
+    for key in ("model", "ema", "heads", "optimizer"):
         assert_same(ckpt_a[key], ckpt_b[key], key)

@@ -6,15 +6,17 @@ correspond voxel by voxel. Three kinds of terms, each with its own weight in ``c
 
 * :class:`FeatureDistillationLoss`: at several encoder stages, (a) attention alignment: the normalised spatial
   attention maps ``A(F) = mean_c F_c^2`` (Zagoruyko & Komodakis, ICLR 2017) of teacher and student are matched, and
-  (b) projected features: a trainable 1x1 convolution maps the student features to the teacher's, and the
-  channel-normalised maps are matched per position;
+  (b) projected features: a trainable 1x1 convolution (:class:`FeatureProjections`) maps the student features to the
+  teacher's, and the channel-normalised maps are matched per position;
 * :class:`RegionContrastiveLoss`: embeddings pooled over regions (background, liver, tumour) of the student's
-  features (through a trainable head) and the teacher's, with an InfoNCE loss whose positives are the same region
-  across the two networks and whose negatives are different regions (:func:`region_info_nce`);
+  features (through a trainable head, :class:`RegionHead`) and the teacher's, with an InfoNCE loss whose positives
+  are the same region across the two networks and whose negatives are different regions (:func:`region_info_nce`);
 * :class:`DirichletKLLoss`: ``KL(Dir(alpha_teacher) || Dir(alpha_student))`` per voxel (:func:`dirichlet_kl`).
 
-:class:`FrozenTeacher` (:func:`load_teacher`) holds the frozen teacher; :func:`region_map` and
-:func:`teacher_region_map` give the region masks for labelled and unlabelled slices.
+The trainable student sides of (a) and (b), :class:`FeatureProjections` and :class:`RegionHead`, are trained with
+the student and run inside its forward pass (:class:`scripts.student.DistillationStudent`), so that the losses
+here hold no parameters. :class:`FrozenTeacher` (:func:`load_teacher`) holds the frozen teacher;
+:func:`region_map` and :func:`teacher_region_map` give the region masks for labelled and unlabelled slices.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from .consistency import uncertainty_mask
 __all__ = [
     "DirichletKLLoss",
     "FeatureDistillationLoss",
+    "FeatureProjections",
     "FrozenTeacher",
     "RegionContrastiveLoss",
+    "RegionHead",
     "attention_map",
     "dirichlet_kl",
     "load_teacher",
@@ -202,25 +206,16 @@ def _identity_conv(in_channels: int, out_channels: int, spatial_dims: int) -> nn
     return conv
 
 
-class FeatureDistillationLoss(nn.Module):
-    """Attention alignment and projected-feature matching at several encoder stages.
-
-    For every stage ``i`` (student features ``S_i``, teacher features ``T_i`` of the same spatial size):
-
-    * ``attention`` = ``mean_i mean_b ||A(S_i) - A(T_i)||^2`` with :func:`attention_map` (in ``[0, 4]``);
-    * ``feature`` = ``mean_i mean_{b, positions} ||n(P_i S_i) - n(T_i)||^2 / 2``, where ``P_i`` is a trainable 1x1
-      convolution (identity-initialised when the widths match) and ``n`` L2-normalises along channels (zero
-      vectors stay zero), i.e. one minus the cosine similarity of the feature vectors at each position.
-
-    Both are zero for identical teacher and student features (with the identity-initialised projections).
+class FeatureProjections(nn.Module):
+    """The student side of the projected-feature matching: a trainable 1x1 convolution per encoder stage, from the
+    student's width to the teacher's, identity-initialised when the widths match (then the matching starts plain).
 
     Args:
-        student_channels: widths of the student's feature maps, one per stage in ``stages``.
-        teacher_channels: widths of the teacher's feature maps (default: the student's).
-        stages: indices into the networks' ``features`` lists (MEAMT-Net: 0 stem, 1-3 encoder stages H/2-H/8,
-            4 bottleneck H/16).
+        student_channels: widths of the student's feature maps (``forward_all(x)["features"]``), indexed by stage.
+        teacher_channels: widths of the teacher's (default: the student's).
+        stages: indices into the ``features`` lists (MEAMT-Net: 0 stem, 1-3 encoder stages H/2-H/8, 4 bottleneck
+            H/16).
         spatial_dims: 2 or 3.
-        power: exponent of :func:`attention_map`.
     """
 
     def __init__(
@@ -229,7 +224,6 @@ class FeatureDistillationLoss(nn.Module):
         teacher_channels: Sequence[int] | None = None,
         stages: Sequence[int] = (1, 2, 3, 4),
         spatial_dims: int = 2,
-        power: int = 2,
     ) -> None:
         super().__init__()
         self.stages = tuple(stages)
@@ -237,24 +231,59 @@ class FeatureDistillationLoss(nn.Module):
         self.projections = nn.ModuleList(
             [_identity_conv(student_channels[i], teacher_channels[i], spatial_dims) for i in self.stages]
         )
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """
+        Args:
+            features: the student's feature maps, ``[B, C_i, *spatial_i]`` for every stage of the network.
+
+        Returns:
+            the projected maps of ``stages``, in their order, ``[B, C^teacher_i, *spatial_i]``.
+        """
+        return [projection(features[stage]) for stage, projection in zip(self.stages, self.projections)]
+
+
+class FeatureDistillationLoss(nn.Module):
+    """Attention alignment and projected-feature matching at several encoder stages.
+
+    For every stage ``i`` (student features ``S_i``, teacher features ``T_i`` of the same spatial size, the
+    student's projected features ``P_i S_i`` from :class:`FeatureProjections`):
+
+    * ``attention`` = ``mean_i mean_b ||A(S_i) - A(T_i)||^2`` with :func:`attention_map` (in ``[0, 4]``);
+    * ``feature`` = ``mean_i mean_{b, positions} ||n(P_i S_i) - n(T_i)||^2 / 2``, where ``n`` L2-normalises along
+      channels (zero vectors stay zero), i.e. one minus the cosine similarity of the feature vectors at each
+      position.
+
+    Both are zero for identical teacher and student features (with identity projections).
+
+    Args:
+        stages: indices into the networks' ``features`` lists, those of the :class:`FeatureProjections`.
+        power: exponent of :func:`attention_map`.
+    """
+
+    def __init__(self, stages: Sequence[int] = (1, 2, 3, 4), power: int = 2) -> None:
+        super().__init__()
+        self.stages = tuple(stages)
         self.power = power
 
     def forward(
-        self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
+        self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], projected: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             student: the student's feature maps (``forward_all(x)["features"]``), ``[B, C_i, *spatial_i]``.
             teacher: the teacher's feature maps for the same slices.
+            projected: the student's projected maps of ``stages`` (``"projected"`` of
+                :class:`scripts.student.DistillationStudent`), in their order.
 
         Returns:
             ``(attention, feature)``, two scalars.
         """
         attention, feature = [], []
-        for stage, projection in zip(self.stages, self.projections):
+        for stage, p in zip(self.stages, projected):
             s, t = student[stage], teacher[stage].detach()
             attention.append((attention_map(s, self.power) - attention_map(t, self.power)).pow(2).sum(1).mean())
-            diff = F.normalize(projection(s), dim=1) - F.normalize(t, dim=1)
+            diff = F.normalize(p, dim=1) - F.normalize(t, dim=1)
             feature.append(0.5 * diff.pow(2).sum(1).mean())
         return torch.stack(attention).mean(), torch.stack(feature).mean()
 
@@ -396,27 +425,16 @@ def region_info_nce(
     return per_anchor[has_negative].mean()
 
 
-class RegionContrastiveLoss(nn.Module):
-    """Region-level contrast between student and teacher features (symmetric InfoNCE of :func:`region_info_nce`).
-
-    The features of one stage are pooled over the regions of every slice (:func:`region_embeddings`). The student's
-    region embeddings pass through a trainable projection head (a 2-layer MLP, as the authors' ``FeatureProjector``)
-    into the teacher's feature space; the teacher's pooled features are the keys as they are (detached, no head).
-    The anchors are the student's (sample, region) embeddings, the keys the teacher's, and the loss is the mean of
-    the student->teacher and teacher->student terms.
-
-    Keys without a trainable head are what keeps the term informative: a head shared by both sides (this bundle
-    before 0.6.0) could separate the regions of both networks by itself, and the term fell from 1.6 to 1e-4 within
-    150 iterations (as measured for issue 16), after which it carried nothing to the student. With fixed keys the
-    loss is bounded below by how far apart the teacher's own region embeddings are, and it is minimal only where the
-    student's projected regions point as the teacher's do.
+class RegionHead(nn.Module):
+    """The student side of the region contrast: the student's features at one stage pooled over the regions of every
+    slice (:func:`region_embeddings`) and passed through a trainable projection head (a 2-layer MLP, as the authors'
+    ``FeatureProjector``) into the teacher's feature space.
 
     Args:
         student_channels: width of the student's features at ``stage``.
         teacher_channels: width of the teacher's (default: the student's); the head's output width.
         stage: index into the ``features`` lists (MEAMT-Net: 2 = H/4).
-        embed_dim: hidden width of the student's projection head (0: no head, which needs equal widths).
-        temperature: InfoNCE temperature (authors: 0.07).
+        embed_dim: hidden width of the head (0: no head, which needs equal widths).
         num_regions: number of region ids (3: background, liver, tumour).
         min_voxels: least full-resolution voxels of a valid region.
     """
@@ -427,7 +445,6 @@ class RegionContrastiveLoss(nn.Module):
         teacher_channels: int | None = None,
         stage: int = 2,
         embed_dim: int = 128,
-        temperature: float = 0.07,
         num_regions: int = 3,
         min_voxels: float = 1.0,
     ) -> None:
@@ -437,10 +454,59 @@ class RegionContrastiveLoss(nn.Module):
             if teacher_channels != student_channels:
                 raise ValueError(f"embed_dim 0 (no head) needs equal widths, got {student_channels} (student) and "
                                  f"{teacher_channels} (teacher).")
-            self.student_head: nn.Module = nn.Identity()
+            self.head: nn.Module = nn.Identity()
         else:
-            self.student_head = nn.Sequential(nn.Linear(student_channels, embed_dim), nn.ReLU(inplace=True),
-                                              nn.Linear(embed_dim, teacher_channels))
+            self.head = nn.Sequential(nn.Linear(student_channels, embed_dim), nn.ReLU(inplace=True),
+                                      nn.Linear(embed_dim, teacher_channels))
+        self.out_channels = teacher_channels
+        self.stage = stage
+        self.num_regions = num_regions
+        self.min_voxels = min_voxels
+
+    def forward(
+        self, features: Sequence[torch.Tensor] | torch.Tensor, regions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            features: the student's feature list (``features`` of ``forward_all``) or the map at ``stage``.
+            regions: ``[B, *spatial]`` region ids (:func:`region_map`, :func:`teacher_region_map`).
+
+        Returns:
+            ``(embeddings [B, R, C^teacher], valid [B, R] bool)``: the projected region embeddings, zero where a
+            region is not valid (fewer than ``min_voxels`` voxels).
+        """
+        s = features if isinstance(features, torch.Tensor) else features[self.stage]
+        pooled, valid = region_embeddings(s, regions, self.num_regions, self.min_voxels)
+        projected = self.head(pooled[valid])
+        embeddings = pooled.new_zeros(*valid.shape, self.out_channels).index_put((valid,), projected)
+        return embeddings, valid
+
+
+class RegionContrastiveLoss(nn.Module):
+    """Region-level contrast between student and teacher features (symmetric InfoNCE of :func:`region_info_nce`).
+
+    The student's projected region embeddings come from :class:`RegionHead`; the teacher's features of the same
+    stage are pooled over the teacher's regions (:func:`region_embeddings`) and are the keys as they are (detached,
+    no head). The anchors are the student's (sample, region) embeddings valid on both sides, the keys the
+    teacher's, and the loss is the mean of the student->teacher and teacher->student terms.
+
+    Keys without a trainable head are what keeps the term informative: a head shared by both sides (this bundle
+    before 0.6.0) could separate the regions of both networks by itself, and the term fell from 1.6 to 1e-4 within
+    150 iterations (as measured for issue 16), after which it carried nothing to the student. With fixed keys the
+    loss is bounded below by how far apart the teacher's own region embeddings are, and it is minimal only where the
+    student's projected regions point as the teacher's do.
+
+    Args:
+        stage: index into the teacher's ``features`` list, the :class:`RegionHead`'s stage.
+        temperature: InfoNCE temperature (authors: 0.07).
+        num_regions: number of region ids, the :class:`RegionHead`'s.
+        min_voxels: least full-resolution voxels of a valid region, the :class:`RegionHead`'s.
+    """
+
+    def __init__(
+        self, stage: int = 2, temperature: float = 0.07, num_regions: int = 3, min_voxels: float = 1.0
+    ) -> None:
+        super().__init__()
         self.stage = stage
         self.temperature = temperature
         self.num_regions = num_regions
@@ -448,32 +514,29 @@ class RegionContrastiveLoss(nn.Module):
 
     def forward(
         self,
-        student: Sequence[torch.Tensor] | torch.Tensor,
+        student: torch.Tensor,
+        student_valid: torch.Tensor,
         teacher: Sequence[torch.Tensor] | torch.Tensor,
-        student_regions: torch.Tensor,
-        teacher_regions: torch.Tensor | None = None,
+        teacher_regions: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
-            student: the student's feature list (``features`` of ``forward_all``) or the map at ``stage``.
-            teacher: the teacher's, for the same slices.
-            student_regions: ``[B, *spatial]`` region ids of the slices as the student's embeddings are pooled.
-            teacher_regions: region ids for the teacher's pooling (default: ``student_regions``). Giving different
-                maps is what a wrong region assignment looks like (the loss rises).
+            student: ``[B, R, C]`` the student's projected region embeddings (:class:`RegionHead`).
+            student_valid: ``[B, R]`` which of them are valid.
+            teacher: the teacher's feature list, or its map at ``stage``, for the same slices.
+            teacher_regions: ``[B, *spatial]`` region ids for the teacher's pooling: those the student was pooled
+                over; a different map is what a wrong region assignment looks like (the loss rises).
 
         Returns:
             a scalar.
         """
-        s = student if isinstance(student, torch.Tensor) else student[self.stage]
         t = teacher if isinstance(teacher, torch.Tensor) else teacher[self.stage]
-        teacher_regions = student_regions if teacher_regions is None else teacher_regions
-        s_emb, s_valid = region_embeddings(s, student_regions, self.num_regions, self.min_voxels)
         t_emb, t_valid = region_embeddings(t.detach(), teacher_regions, self.num_regions, self.min_voxels)
-        valid = s_valid & t_valid
-        ids = torch.arange(self.num_regions, device=s.device).expand_as(valid)[valid]
+        valid = student_valid & t_valid
+        ids = torch.arange(self.num_regions, device=student.device).expand_as(valid)[valid]
         if ids.numel() < 2:
-            return s.sum() * 0.0
-        s_z, t_z = self.student_head(s_emb[valid]), t_emb[valid].to(s_emb)
+            return student.sum() * 0.0
+        s_z, t_z = student[valid], t_emb[valid].to(student)
         return 0.5 * (
             region_info_nce(s_z, t_z, ids, self.temperature) + region_info_nce(t_z, s_z, ids, self.temperature)
         )

@@ -16,13 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .consistency import UncertaintyConsistencyLoss, kept_fraction
-from .distillation import (
-    DirichletKLLoss,
-    FeatureDistillationLoss,
-    RegionContrastiveLoss,
-    region_map,
-    teacher_region_map,
-)
+from .distillation import DirichletKLLoss, FeatureDistillationLoss, RegionContrastiveLoss
 from .edge import boundary_map
 from .evidential import DirichletLoss, NIGLoss
 from .mean_teacher import sigmoid_rampup
@@ -137,17 +131,18 @@ class CdUgJLLoss(MultiTaskLoss):
     """CdUgJL training loss: supervised terms on labelled slices, distillation from the CE teacher, consistency.
 
     With the teacher outputs of :meth:`scripts.trainer.CdUgJLTrainer.run_teacher` (``"labelled"`` and
-    ``"unlabelled"``: the frozen contrast-enhanced teacher on the CE phases of each batch; ``"ema"``: the EMA
-    student on the unlabelled weak views; each present only when it ran) the terms are
+    ``"unlabelled"``: the frozen contrast-enhanced teacher on the CE phases of each batch, with the ``"regions"`` of
+    its slices; ``"ema"``: the EMA student on the unlabelled weak views; each present only when it ran) and the
+    student's outputs on the same slices (:class:`scripts.student.DistillationStudent`, with ``"projected"`` and
+    ``"region_embeddings"`` where the teacher ran) the terms are
 
     * ``seg``, ``quant``, ``edge`` (labelled slices): :class:`MultiTaskLoss`;
     * ``attention``, ``feature`` (every slice the teacher saw, labelled first):
       :class:`scripts.distillation.FeatureDistillationLoss`;
     * ``distill_kl`` (the same slices): :class:`scripts.distillation.DirichletKLLoss`, ``KL(teacher || student)``;
-    * ``contrast``: :class:`scripts.distillation.RegionContrastiveLoss`, computed separately for labelled slices
-      (regions from the label, and the liver from ``"organs"`` when present: :func:`scripts.distillation.region_map`)
-      and unlabelled slices (regions from the teacher's prediction, the ``region_kept_fraction`` least uncertain
-      voxels of each predicted class: :func:`scripts.distillation.teacher_region_map`), then averaged;
+    * ``contrast``: :class:`scripts.distillation.RegionContrastiveLoss`, computed separately for labelled and
+      unlabelled slices over the teacher's ``"regions"`` of each (:meth:`scripts.trainer.CdUgJLTrainer.run_teacher`),
+      then averaged;
     * ``consistency`` (unlabelled slices): :class:`scripts.consistency.UncertaintyConsistencyLoss` against the EMA
       on the weak view, masked to the ``kept_fraction(t, consistency_rampup, kept_fraction_start)`` least uncertain
       voxels of each class the EMA predicts, and weighted by ``consistency_weight * sigmoid_rampup(t,
@@ -169,8 +164,6 @@ class CdUgJLLoss(MultiTaskLoss):
         consistency_rampup: length of the consistency weight and kept-fraction ramps, as a fraction of the run.
         kept_fraction_start: the fraction of voxels the consistency mask keeps at the start of the ramp (as UA-MT's
             0.75 of the maximum entropy).
-        region_kept_fraction: the fraction of each class the teacher predicts on unlabelled slices that gets a region
-            (the least uncertain ones).
     """
 
     def __init__(
@@ -190,7 +183,6 @@ class CdUgJLLoss(MultiTaskLoss):
         consistency_weight: float = 0.0,
         consistency_rampup: float = 0.0,
         kept_fraction_start: float = 0.75,
-        region_kept_fraction: float = 0.9,
     ) -> None:
         super().__init__(seg_loss, quant_loss, seg_weight, quant_weight, edge_weight)
         if (attention_weight or feature_weight) and distillation is None:
@@ -208,23 +200,6 @@ class CdUgJLLoss(MultiTaskLoss):
         self.consistency_weight = consistency_weight
         self.consistency_rampup = consistency_rampup
         self.kept_fraction_start = kept_fraction_start
-        self.region_kept_fraction = region_kept_fraction
-
-    def _contrast(
-        self,
-        groups: Sequence[tuple[Outputs, Outputs]],
-        targets: Mapping[str, torch.Tensor],
-        labelled: bool,
-    ) -> list[torch.Tensor]:
-        """The region contrast of each (student, teacher) group (labelled first when ``labelled``)."""
-        values = []
-        for i, (student, teacher) in enumerate(groups):
-            if labelled and i == 0:
-                regions = region_map(targets["label"], targets.get("organs"))
-            else:
-                regions = teacher_region_map(teacher["alpha"], self.region_kept_fraction)
-            values.append(self.contrast(student["features"], teacher["features"], regions))  # type: ignore[misc]
-        return values
 
     def forward(
         self,
@@ -257,7 +232,7 @@ class CdUgJLLoss(MultiTaskLoss):
             student_rows = _cat_rows([s for s, _ in groups])
             teacher_rows = _cat_rows([t for _, t in groups])
             if self.attention_weight or self.feature_weight:
-                features = (student_rows["features"], teacher_rows["features"])
+                features = (student_rows["features"], teacher_rows["features"], student_rows["projected"])
                 attention, feature = self.distillation(*features)  # type: ignore[misc]
                 if self.attention_weight:
                     terms["attention"] = attention
@@ -266,7 +241,9 @@ class CdUgJLLoss(MultiTaskLoss):
             if self.distill_kl_weight:
                 terms["distill_kl"] = self.kl(student_rows["alpha"], teacher_rows["alpha"])
             if self.contrast_weight:
-                terms["contrast"] = torch.stack(self._contrast(groups, targets, "labelled" in teacher)).mean()
+                contrast = [self.contrast(s["region_embeddings"], s["region_valid"], t["features"], t["regions"])
+                            for s, t in groups]  # type: ignore[misc]
+                terms["contrast"] = torch.stack(contrast).mean()
         consistency_weight = self.consistency_weight * sigmoid_rampup(fraction, self.consistency_rampup)
         if "ema" in teacher and unlabelled_outputs is not None and self.consistency_weight:
             fraction_kept = kept_fraction(fraction, self.consistency_rampup, self.kept_fraction_start)

@@ -7,7 +7,7 @@ Each bundle is downloaded alone, so each ships this module; the copies are ident
 1. ``inputs, targets = prepare_batch(labelled batch)``;
 2. ``unlabelled = draw_unlabelled(progress)``: the next batch of the unlabelled stream, or ``None``;
 3. ``teacher = run_teacher(inputs, targets, unlabelled, progress)`` without gradients (``None`` if there is none);
-4. ``outputs, unlabelled_outputs = run_student(inputs, unlabelled, progress)``;
+4. ``outputs, unlabelled_outputs = run_student(inputs, unlabelled, teacher, progress)``;
 5. ``terms = loss_function(outputs, targets, unlabelled_outputs, teacher, progress)``: a dict holding the
    optimised total ``"loss"`` and named terms (``"loss_seg"``, ...), all copied into ``engine.state.output`` where
    handlers read them: as tensors, still attached to the graph, for the ``LOSS_COMPLETED`` handlers
@@ -144,9 +144,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         return None
 
     def run_student(
-        self, inputs: torch.Tensor, unlabelled: Mapping[str, torch.Tensor] | None, progress: RunProgress
+        self, inputs: torch.Tensor, unlabelled: Mapping[str, torch.Tensor] | None, teacher: Any, progress: RunProgress
     ) -> tuple[Any, Any]:
-        """The student's outputs on the labelled inputs and on the unlabelled batch (``None`` without one)."""
+        """The student's outputs on the labelled inputs and on the unlabelled batch (``None`` without one), given the
+        teacher's outputs (``teacher``, which a student may need: regions to pool over, ...)."""
         return self.inferer(inputs, self.network), None
 
     def _iteration(self, engine: SemiSupervisedTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
@@ -168,7 +169,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             teacher = engine.run_teacher(inputs, targets, unlabelled, progress)
 
         def _compute_pred_loss() -> None:
-            outputs, unlabelled_outputs = engine.run_student(inputs, unlabelled, progress)
+            outputs, unlabelled_outputs = engine.run_student(inputs, unlabelled, teacher, progress)
             engine.state.output[Keys.PRED] = outputs
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = engine.loss_function(outputs, targets, unlabelled_outputs, teacher, progress)

@@ -225,10 +225,14 @@ class CEDSTrainer(SemiSupervisedTrainer):
         return {"seg": seg, "confidence": confidence}
 
     def run_student(
-        self, inputs: torch.Tensor, unlabelled: Mapping[str, torch.Tensor] | None, progress: RunProgress
+        self,
+        inputs: torch.Tensor,
+        unlabelled: Mapping[str, torch.Tensor] | None,
+        teacher: Mapping[str, torch.Tensor] | None,
+        progress: RunProgress,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
         """The student's ``(seg_logits, confidence_logits)`` (through the trainer's ``inferer``) on the labelled and
-        on the unlabelled patches.
+        on the unlabelled patches (the teacher's outputs are not needed for them).
 
         The clean labelled patches, as in supervised training; after the warm-up, the noised unlabelled patches in a
         second pass that leaves the batch-norm running statistics alone. With ``separate_norm_statistics=False``,
